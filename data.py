@@ -1,0 +1,400 @@
+"""Tokenizer, chat template, JSONL formats and batching: everything between text and tensors.
+
+- `Tokenizer`: a thin wrapper over a `tokenizers` byte-level BPE (trained here or loaded from
+  a tokenizer.json, e.g. an HF model directory) that knows its BOS / EOS / PAD ids.
+- The chat template (one user turn, one assistant reply), ChatML-style:
+      <|endoftext|><|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n{response}<|im_end|>
+  The prompt part is never trained on; the response and its closing <|im_end|> are. The
+  <|im_end|> token is the end-of-sequence token the sampler stops at.
+- JSONL readers for the formats users bring, normalised to `Example(prompt, response)` or
+  `Preference(prompt, chosen, rejected)`, validated line by line before anything is returned.
+- Batching: padding (right for training, left for generation), attention and loss masks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+BOS, USER_START, END_OF_TURN, PAD = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"
+SPECIAL_TOKENS = [BOS, USER_START, END_OF_TURN, PAD]
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the three ids the rest of the code needs.
+    bos_id starts every sequence (None if the model has no BOS), eos_id ends an assistant
+    reply (the sampler stops there), pad_id fills batches. PAD is never attended to or
+    trained on; it is kept distinct from EOS so no code can confuse the two."""
+
+    def __init__(self, tk, bos_token: str | None, eos_token: str, pad_token: str | None):
+        self.tk = tk
+        self.bos_id = tk.token_to_id(bos_token) if bos_token else None
+        self.eos_id = tk.token_to_id(eos_token)
+        if self.eos_id is None:
+            raise ValueError(f"EOS token {eos_token!r} is not in the vocabulary")
+        self.eos_token = eos_token
+        self.pad_id = tk.token_to_id(pad_token) if pad_token else None
+        if self.pad_id is None or self.pad_id == self.eos_id:
+            # many HF models ship no pad token; any id that is not EOS will do, because pad
+            # positions are masked everywhere (attention, losses, log-probs)
+            self.pad_id = next(i for i in (self.bos_id, 0, 1) if i is not None and i != self.eos_id)
+        self.user_start_id = tk.token_to_id(USER_START)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self.tk.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def save(self, path: str):
+        self.tk.save(path)
+
+
+def train_tokenizer(texts, vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE on an iterator of strings. Digits are split one by one (as in
+    Llama): multi-digit tokens make sorting and arithmetic much harder for small models."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = HFTokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable: no <unk>
+        show_progress=False,
+    )
+    tk.train_from_iterator(texts, trainer)
+    return Tokenizer(tk, BOS, END_OF_TURN, PAD)
+
+
+def _token_str(value):
+    # tokenizer_config.json stores tokens as strings or as {"content": ...}
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """Load a tokenizer.json, or the tokenizer of a model directory (tinyalign's or HF's).
+    For HF directories the special tokens come from tokenizer_config.json; the end of an
+    assistant reply is <|im_end|> when the vocabulary has it (ChatML models), else the
+    model's EOS token."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    directory = path if os.path.isdir(path) else os.path.dirname(path)
+    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{file}: no tokenizer.json (tinyalign reads only the fast-tokenizer format)")
+    tk = HFTokenizer.from_file(file)
+    if tk.token_to_id(BOS) is not None and tk.token_to_id(PAD) is not None and tk.token_to_id(END_OF_TURN) is not None:
+        return Tokenizer(tk, BOS, END_OF_TURN, PAD)  # one of ours
+    conf = {}
+    conf_path = os.path.join(directory, "tokenizer_config.json")
+    if os.path.exists(conf_path):
+        with open(conf_path) as f:
+            conf = json.load(f)
+    bos, eos, pad = (_token_str(conf.get(k)) for k in ("bos_token", "eos_token", "pad_token"))
+    if tk.token_to_id(END_OF_TURN) is not None:
+        eos = END_OF_TURN
+    if eos is None:
+        raise ValueError(f"{directory}: cannot tell the EOS token (no tokenizer_config.json eos_token)")
+    return Tokenizer(tk, bos, eos, pad)
+
+
+# -----------------------------------------------------------------------------
+# Chat template
+
+
+def _marker(tok: Tokenizer, text: str) -> list[int]:
+    # a ChatML marker is one special token when the vocabulary has it, plain text otherwise
+    i = tok.tk.token_to_id(text)
+    return [i] if i is not None else tok.encode(text)
+
+
+def encode_prompt(tok: Tokenizer, prompt: str) -> list[int]:
+    """The prompt part of the template, up to and including 'assistant\\n': what the model
+    is conditioned on when it answers."""
+    ids = [tok.bos_id] if tok.bos_id is not None else []
+    ids += _marker(tok, USER_START) + tok.encode("user\n" + prompt)
+    ids += _marker(tok, END_OF_TURN) + tok.encode("\n")
+    ids += _marker(tok, USER_START) + tok.encode("assistant\n")
+    return ids
+
+
+def encode_response(tok: Tokenizer, response: str) -> list[int]:
+    """The supervised part: the reply and the EOS that closes it."""
+    return tok.encode(response) + [tok.eos_id]
+
+
+def encode_chat(tok: Tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    """Token ids of one exchange and its loss mask (1 = supervised: response tokens + EOS).
+    Prompt and response are encoded separately, so the boundary is exact."""
+    p, r = encode_prompt(tok, prompt), encode_response(tok, response)
+    return p + r, [0] * len(p) + [1] * len(r)
+
+
+def decode_response(tok: Tokenizer, ids) -> str:
+    """Text of sampled response tokens, cut at the first EOS."""
+    if isinstance(ids, torch.Tensor):
+        ids = ids.tolist()
+    if tok.eos_id in ids:
+        ids = ids[: ids.index(tok.eos_id)]
+    return tok.decode(ids).strip()
+
+
+def show_supervision(tok: Tokenizer, ids, loss_mask) -> str:
+    """A teaching aid: the decoded sequence with the unsupervised (masked) spans in ⟦ ⟧."""
+    out, span, span_mask = [], [], None
+    for i, m in zip(list(ids), list(loss_mask)):
+        m = int(m)
+        if span and m != span_mask:
+            text = tok.decode(span, skip_special_tokens=False)
+            out.append(text if span_mask else f"⟦{text}⟧")
+            span = []
+        span.append(int(i))
+        span_mask = m
+    if span:
+        text = tok.decode(span, skip_special_tokens=False)
+        out.append(text if span_mask else f"⟦{text}⟧")
+    return "".join(out)
+
+
+def encode_documents(tok: Tokenizer, docs) -> torch.Tensor:
+    """Pretraining stream, all documents concatenated. (N,) long. A document is a string
+    (preceded by BOS) or a (prompt, response) pair rendered with the chat template."""
+    ids = []
+    for d in docs:
+        if isinstance(d, tuple):
+            ids.extend(encode_chat(tok, *d)[0])
+            continue
+        if tok.bos_id is not None:
+            ids.append(tok.bos_id)
+        ids.extend(tok.encode(d))
+    return torch.tensor(ids, dtype=torch.long)
+
+
+# -----------------------------------------------------------------------------
+# JSONL formats
+
+
+@dataclass
+class Example:
+    prompt: str
+    response: str
+
+
+@dataclass
+class Preference:
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+class DataError(ValueError):
+    """A malformed input line; the message starts with 'file:line:'."""
+
+
+SFT_FORMATS = """accepted formats (one JSON object per line):
+  {"prompt": str, "response": str}
+  {"instruction": str, "input": str (optional), "output": str}           (Alpaca)
+  {"instruction": str, "instances": [{"input": str, "output": str}, ...]} (self-instruct)
+  {"messages": [{"role": "user"|"assistant"|"system", "content": str}, ...]}   (chat)"""
+
+PREFERENCE_FORMATS = """accepted formats (one JSON object per line):
+  {"prompt": str, "chosen": str, "rejected": str}
+  {"chosen": str, "rejected": str}   (Anthropic HH transcripts "\\n\\nHuman: ...\\n\\nAssistant: ...")"""
+
+
+def read_jsonl(path: str):
+    """[(line_number, object)] for the non-blank lines of a JSONL file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+            rows.append((n, obj))
+    if not rows:
+        raise DataError(f"{path}: no data lines")
+    return rows
+
+
+def _text(obj, key, where, allow_empty=False) -> str:
+    if key not in obj:
+        raise DataError(f"{where}: missing field {key!r}")
+    v = obj[key]
+    if not isinstance(v, str):
+        raise DataError(f"{where}: field {key!r} must be a string, got {type(v).__name__}")
+    if not allow_empty and not v.strip():
+        raise DataError(f"{where}: field {key!r} is empty")
+    return v
+
+
+def _join(instruction: str, inp: str) -> str:
+    return instruction.strip() + ("\n\n" + inp.strip() if inp.strip() else "")
+
+
+def _flatten_turns(turns, where) -> tuple[str, str]:
+    """[(role, text)] ending with an assistant turn -> (prompt, response). Our template has one
+    user turn, so earlier turns of a conversation become part of the prompt's text."""
+    if not turns or turns[-1][0] != "assistant":
+        raise DataError(f"{where}: the conversation must end with an assistant turn")
+    *context, (_, response) = turns
+    if not any(role == "user" for role, _ in context):
+        raise DataError(f"{where}: the conversation has no user turn")
+    if len(context) == 1:
+        prompt = context[0][1]
+    else:
+        names = {"user": "Human", "assistant": "Assistant", "system": "System"}
+        prompt = "\n\n".join(f"{names[role]}: {text.strip()}" for role, text in context)
+    if not response.strip():
+        raise DataError(f"{where}: the assistant reply is empty")
+    return prompt.strip(), response.strip()
+
+
+def _sft_examples(obj, where) -> list[Example]:
+    if "chosen" in obj or "rejected" in obj:
+        raise DataError(f"{where}: this is a preference line (chosen/rejected); SFT needs demonstrations.\n{SFT_FORMATS}")
+    if "messages" in obj:
+        msgs = obj["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise DataError(f"{where}: 'messages' must be a non-empty list")
+        turns = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict):
+                raise DataError(f"{where}: messages[{i}] must be an object")
+            role = _text(m, "role", f"{where}: messages[{i}]")
+            if role not in ("user", "assistant", "system"):
+                raise DataError(f"{where}: messages[{i}] has unknown role {role!r}")
+            turns.append((role, _text(m, "content", f"{where}: messages[{i}]")))
+        return [Example(*_flatten_turns(turns, where))]
+    if "instances" in obj:
+        instruction = _text(obj, "instruction", where)
+        inst = obj["instances"]
+        if not isinstance(inst, list) or not inst:
+            raise DataError(f"{where}: 'instances' must be a non-empty list")
+        out = []
+        for i, x in enumerate(inst):
+            w = f"{where}: instances[{i}]"
+            if not isinstance(x, dict):
+                raise DataError(f"{w} must be an object")
+            inp = _text(x, "input", w, allow_empty=True) if "input" in x else ""
+            out.append(Example(_join(instruction, inp), _text(x, "output", w).strip()))
+        return out
+    if "instruction" in obj:
+        inp = _text(obj, "input", where, allow_empty=True) if "input" in obj else ""
+        return [Example(_join(_text(obj, "instruction", where), inp), _text(obj, "output", where).strip())]
+    if "prompt" in obj and "response" in obj:
+        return [Example(_text(obj, "prompt", where).strip(), _text(obj, "response", where).strip())]
+    raise DataError(f"{where}: unrecognised format (keys {sorted(obj)})\n{SFT_FORMATS}")
+
+
+HH_USER, HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+
+
+def _hh_turns(transcript: str, where):
+    """'\\n\\nHuman: a\\n\\nAssistant: b...' -> [("user", "a"), ("assistant", "b"), ...]."""
+    turns, rest = [], transcript
+    if not rest.startswith(HH_USER):
+        raise DataError(f"{where}: an HH transcript must start with '\\n\\nHuman:'")
+    while rest:
+        role = "user" if rest.startswith(HH_USER) else "assistant"
+        rest = rest[len(HH_USER if role == "user" else HH_ASSISTANT):]
+        cut = [i for i in (rest.find(HH_USER), rest.find(HH_ASSISTANT)) if i >= 0]
+        end = min(cut) if cut else len(rest)
+        turns.append((role, rest[:end].strip()))
+        rest = rest[end:]
+    return turns
+
+
+def _preference(obj, where) -> Preference:
+    if "prompt" in obj:
+        return Preference(_text(obj, "prompt", where).strip(), _text(obj, "chosen", where).strip(),
+                          _text(obj, "rejected", where).strip())
+    if "chosen" in obj and "rejected" in obj:
+        chosen, rejected = _text(obj, "chosen", where), _text(obj, "rejected", where)
+        # the two transcripts share everything up to the final "Assistant:"; a reply may itself
+        # contain "Human:" or "Assistant:", so the split is the last marker inside the shared part
+        shared = os.path.commonprefix([chosen, rejected])
+        cut = shared.rfind(HH_ASSISTANT)
+        if cut < 0:
+            raise DataError(f"{where}: chosen and rejected do not share a conversation ending in '\\n\\nAssistant:'")
+        turns = _hh_turns(chosen[:cut], where)
+        if turns[-1][0] != "user":
+            raise DataError(f"{where}: the shared conversation must end with a Human turn")
+        prompt, _ = _flatten_turns(turns + [("assistant", "-")], where)
+        c, r = chosen[cut + len(HH_ASSISTANT):].strip(), rejected[cut + len(HH_ASSISTANT):].strip()
+        if not c or not r:
+            raise DataError(f"{where}: empty final assistant reply in chosen or rejected")
+        return Preference(prompt, c, r)
+    raise DataError(f"{where}: unrecognised format (keys {sorted(obj)})\n{PREFERENCE_FORMATS}")
+
+
+def load_sft_data(path: str) -> list[Example]:
+    """Demonstrations from a JSONL file in any SFT format. Every line is validated before
+    anything is returned: a bad line raises DataError('file:line: what is wrong')."""
+    out = []
+    for n, obj in read_jsonl(path):
+        out.extend(_sft_examples(obj, f"{path}:{n}"))
+    return out
+
+
+def load_preference_data(path: str) -> list[Preference]:
+    """(prompt, chosen, rejected) triples from a JSONL file; validated like load_sft_data."""
+    return [_preference(obj, f"{path}:{n}") for n, obj in read_jsonl(path)]
+
+
+def write_jsonl(path: str, rows):
+    """Write dicts as JSONL atomically (temp file, then rename)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# Batching
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int, side: str = "right", loss_masks=None):
+    """Pad token lists to one length.
+    Returns input_ids (B, T), attention_mask (B, T) and, if loss_masks are given, loss_mask
+    (B, T). side='right' for training (plain causal attention stays correct), 'left' for
+    generation and for scoring prompt+response pairs in one aligned batch."""
+    assert side in ("left", "right")
+    B, T = len(seqs), max(len(s) for s in seqs)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, T), dtype=torch.long)
+    loss = torch.zeros((B, T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(0, len(s)) if side == "right" else slice(T - len(s), T)
+        ids[i, sl] = torch.tensor(s, dtype=torch.long)
+        attn[i, sl] = 1
+        if loss_masks is not None:
+            loss[i, sl] = torch.tensor(loss_masks[i], dtype=torch.long)
+    if loss_masks is None:
+        return ids, attn
+    return ids, attn, loss

@@ -1,0 +1,296 @@
+"""Evaluation: sampling responses, the model as a judge, the oracle, and the papers' metrics.
+
+One implementation of each measurement, used by sft.py's report, self_reward.py's loop and
+its tables:
+
+  sample_responses   prompts -> N responses each (one batched KV-cache call per batch)
+  parse_score        judge text -> score in [0, 5], or None (never a made-up score)
+  judge              LLM-as-a-Judge with judge_prompt.txt, K samples averaged
+  instruction_following   oracle mean score, exact-correct rate (task world)
+  head_to_head       win / tie / loss of model A vs model B, per prompt
+  reward_modeling    how well a judge's scores rank responses against the oracle's
+
+    python evaluate.py --model runs/m1/model                     # one model, task world
+    python evaluate.py --model runs/m2/model --baseline runs/sft/model
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+import tasks
+from data import Tokenizer, decode_response, encode_prompt
+from model import Transformer, generate, get_device, parse_config
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+
+@torch.no_grad()
+def sample_responses(model: Transformer, tok: Tokenizer, prompts: list[str], n: int = 1,
+                     temperature: float = 0.7, top_p: float = 0.9, max_new_tokens: int = 48,
+                     batch_size: int = 64, generator: torch.Generator | None = None,
+                     desc: str = "sampling") -> list[list[str]]:
+    """n responses per prompt, in the chat template. Prompts are sorted by length before
+    batching, so a batch carries little left-padding. Returns out[i] = n strings for
+    prompts[i]; a prompt that does not fit the context gets n `None`s (reported, not cut)."""
+    encoded = [encode_prompt(tok, p) for p in prompts]
+    limit = model.config.max_seq_len - max_new_tokens
+    jobs = [(i, k) for i in range(len(prompts)) if len(encoded[i]) <= limit for k in range(n)]
+    too_long = sum(len(e) > limit for e in encoded)
+    if too_long:
+        print(f"{desc}: {too_long} of {len(prompts)} prompts exceed {limit} tokens and are not answered")
+    jobs.sort(key=lambda j: len(encoded[j[0]]))
+    out: list[list] = [[None] * n for _ in prompts]
+    for s in tqdm(range(0, len(jobs), batch_size), desc=desc, leave=False, disable=len(jobs) <= batch_size):
+        chunk = jobs[s : s + batch_size]
+        g = generate(model, [encoded[i] for i, _ in chunk], max_new_tokens, eos_id=tok.eos_id,
+                     pad_id=tok.pad_id, temperature=temperature, top_p=top_p, generator=generator)
+        for (i, k), row, done in zip(chunk, g.tokens.tolist(), g.finished.tolist()):
+            text = decode_response(tok, row)
+            # a response cut by the budget is marked, so nobody mistakes it for a finished one
+            out[i][k] = text if done else text + " …"
+    return out
+
+
+# -----------------------------------------------------------------------------
+# The model as judge
+
+# "Score: 4", "score - 4.0", "**Score:** 4/5", "SCORE: 3 points" -> the number after the last
+# "score"; 0-5 only. The judge is asked to end with "Score: <points>", so the last match wins.
+SCORE_RE = re.compile(r"score\W{0,6}?(\d+(?:\.\d+)?)(?:\s*/\s*5)?", re.IGNORECASE)
+
+
+def parse_score(text: str | None) -> float | None:
+    """The judge's final score, or None when there is none. A failure never becomes a score."""
+    if not text:
+        return None
+    matches = SCORE_RE.findall(text)
+    if not matches:
+        return None
+    value = float(matches[-1])
+    return value if 0.0 <= value <= 5.0 else None
+
+
+@dataclass
+class Judgment:
+    score: float | None  # mean of the parsable samples; None if none parsed
+    samples: list[float | None]  # each sample's parsed score
+    texts: list[str | None]  # what the judge wrote
+
+
+def judge(model: Transformer, tok: Tokenizer, template: str, items: list[tuple[str, str]],
+          n_samples: int = 3, temperature: float = 0.7, top_p: float = 0.9,
+          max_new_tokens: int = 64, batch_size: int = 64, generator=None,
+          desc: str = "judging") -> list[Judgment]:
+    """Score (instruction, response) pairs with the model as its own judge: the judge prompt
+    is sampled n_samples times and the parsable scores are averaged (Self-Rewarding LMs, 3
+    samples). max_new_tokens is the judge's own budget, separate from the prompt length."""
+    prompts = [tasks.judge_prompt(template, ins, resp) for ins, resp in items]
+    texts = sample_responses(model, tok, prompts, n_samples, temperature, top_p, max_new_tokens,
+                             batch_size, generator, desc)
+    out = []
+    for t in texts:
+        samples = [parse_score(x) for x in t]
+        valid = [s for s in samples if s is not None]
+        out.append(Judgment(sum(valid) / len(valid) if valid else None, samples, t))
+    return out
+
+
+def parse_failure_rate(judgments: list[Judgment]) -> float:
+    samples = [s for j in judgments for s in j.samples]
+    return sum(s is None for s in samples) / max(1, len(samples))
+
+
+# -----------------------------------------------------------------------------
+# Instruction following (the oracle plays the human / GPT-4 evaluator)
+
+
+def instruction_following(model, tok, eval_tasks: list, temperature: float = 0.7, generator=None,
+                          max_new_tokens: int = 48, batch_size: int = 64) -> dict:
+    """Oracle grades of one response per held-out task. temperature 0 = greedy.
+    exact-correct = the answer is right (criterion 4 met), whatever the wording."""
+    responses = [r[0] for r in sample_responses(model, tok, [t.prompt for t in eval_tasks], 1,
+                                                temperature, 0.9 if temperature > 0 else 1.0,
+                                                max_new_tokens, batch_size, generator, "instruction following")]
+    points = [tasks.grade(t, r).points if r is not None else 0 for t, r in zip(eval_tasks, responses)]
+    return {
+        "oracle_mean": sum(points) / len(points),
+        "exact_correct": sum(p >= 4 for p in points) / len(points),
+        "score_hist": [points.count(k) for k in range(6)],
+        "mean_length_chars": sum(len(r or "") for r in responses) / len(responses),
+        "points": points,
+        "responses": responses,
+    }
+
+
+def head_to_head(points_a: list[float], points_b: list[float]) -> dict:
+    """Per prompt, the higher score wins. Returns win/tie/loss of A against B in percent."""
+    n = len(points_a)
+    win = sum(a > b for a, b in zip(points_a, points_b))
+    loss = sum(a < b for a, b in zip(points_a, points_b))
+    return {"win": 100 * win / n, "tie": 100 * (n - win - loss) / n, "loss": 100 * loss / n}
+
+
+# -----------------------------------------------------------------------------
+# Reward modeling (the model as judge, against the oracle's ranking)
+
+
+def _ranks(values: list[float]) -> list[float]:
+    """Ranks 1..n with ties given their average rank (for Spearman)."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def _pearson(x: list[float], y: list[float]) -> float | None:
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else None
+
+
+def spearman(x: list[float], y: list[float]) -> float | None:
+    """Pearson correlation of the ranks; None when either side is constant (undefined)."""
+    return _pearson(_ranks(x), _ranks(y))
+
+
+def kendall_tau(x: list[float], y: list[float]) -> float | None:
+    """Kendall's tau-b: (concordant - discordant) / sqrt((n0 - ties_x) (n0 - ties_y))."""
+    conc = disc = tx = ty = 0
+    for i in range(len(x)):
+        for j in range(i + 1, len(x)):
+            dx, dy = x[i] - x[j], y[i] - y[j]
+            if dx == 0 and dy == 0:
+                continue
+            if dx == 0:
+                tx += 1
+            elif dy == 0:
+                ty += 1
+            elif (dx > 0) == (dy > 0):
+                conc += 1
+            else:
+                disc += 1
+    denom = math.sqrt((conc + disc + tx) * (conc + disc + ty))
+    return (conc - disc) / denom if denom > 0 else None
+
+
+def reward_modeling(judge_scores: list[list[float | None]], oracle_scores: list[list[int]]) -> dict:
+    """How well the judge ranks each prompt's K responses, against the oracle (the paper's
+    Table: human rankings). Per prompt i, judge_scores[i][k] is the judge's mean score of
+    response k (None: no parsable judgment), oracle_scores[i][k] the oracle's points.
+
+    pairwise accuracy: over response pairs with different oracle scores, the share the judge
+        orders the same way (a judge tie or a None counts as wrong).
+    5-best: over responses the judge scores 5 (mean >= 4.5), the share that are their prompt's
+        best by the oracle.
+    exact match: prompts whose judge ranking (with ties) equals the oracle's exactly.
+    Spearman, Kendall tau: per prompt, averaged over prompts where both are defined (neither
+        side constant). None scores are left out of these."""
+    pairs = correct = five = five_best = exact = 0
+    rhos, taus = [], []
+    for js, os_ in zip(judge_scores, oracle_scores):
+        for a in range(len(js)):
+            for b in range(a + 1, len(js)):
+                if os_[a] == os_[b]:
+                    continue
+                pairs += 1
+                if js[a] is not None and js[b] is not None and (js[a] - js[b]) * (os_[a] - os_[b]) > 0:
+                    correct += 1
+        best = max(os_)
+        for j, o in zip(js, os_):
+            if j is not None and j >= 4.5:
+                five += 1
+                five_best += o == best
+        valid = [(j, o) for j, o in zip(js, os_) if j is not None]
+        if len(valid) == len(js) and _ranks(js) == _ranks([float(o) for o in os_]):
+            exact += 1
+        if len(valid) >= 2:
+            jx, ox = [v[0] for v in valid], [float(v[1]) for v in valid]
+            rho, tau = spearman(jx, ox), kendall_tau(jx, ox)
+            if rho is not None:
+                rhos.append(rho)
+            if tau is not None:
+                taus.append(tau)
+    return {
+        "pairwise_accuracy": 100 * correct / max(1, pairs),
+        "five_best": 100 * five_best / five if five else float("nan"),
+        "exact_match": 100 * exact / max(1, len(judge_scores)),
+        "spearman": sum(rhos) / len(rhos) if rhos else float("nan"),
+        "kendall_tau": sum(taus) / len(taus) if taus else float("nan"),
+        "n_pairs": pairs,
+        "n_judged_five": five,
+    }
+
+
+def judge_eval(model, tok, template: str, eft_eval, n_samples: int = 3, generator=None,
+               max_new_tokens: int = 64, batch_size: int = 64) -> dict:
+    """Reward-modeling metrics of `model` as a judge on the EFT evaluation set
+    [(task, K responses, K oracle points)], each response judged n_samples times."""
+    items = [(t.prompt, r) for t, rs, _ in eft_eval for r in rs]
+    js = judge(model, tok, template, items, n_samples, generator=generator,
+               max_new_tokens=max_new_tokens, batch_size=batch_size, desc="judge eval")
+    k = len(eft_eval[0][1])
+    scores = [[j.score for j in js[i * k : (i + 1) * k]] for i in range(len(eft_eval))]
+    out = reward_modeling(scores, [pts for _, _, pts in eft_eval])
+    out["parse_failure_rate"] = 100 * parse_failure_rate(js)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Command line: evaluate checkpoints on the task world
+
+
+@dataclass
+class EvalConfig:
+    model: str = "runs/default/m1/model"
+    baseline: str = ""  # a second checkpoint for the head-to-head
+    world_seed: int = 0
+    n_eval: int = 200  # held-out instruction prompts
+    n_eft_eval: int = 40  # held-out judge prompts (K responses each)
+    k: int = 4
+    judge_samples: int = 3
+    temperature: float = 0.7
+    seed: int = 1337
+    device: str = "auto"
+
+
+def main(cfg: EvalConfig):
+    from data import load_tokenizer
+
+    device = get_device(cfg.device)
+    eval_tasks = tasks.eval_prompts(cfg.world_seed + 3, cfg.n_eval)
+    template = tasks.load_judge_template()
+    eft_eval = tasks.eft_eval_set(cfg.world_seed + 4, cfg.n_eft_eval, cfg.k)
+    results = {}
+    for name in filter(None, [cfg.model, cfg.baseline]):
+        model, tok = Transformer.from_pretrained(name).to(device).eval(), load_tokenizer(name)
+        gen = torch.Generator(device).manual_seed(cfg.seed)
+        r = instruction_following(model, tok, eval_tasks, cfg.temperature, gen)
+        g = instruction_following(model, tok, eval_tasks, 0.0)
+        rm = judge_eval(model, tok, template, eft_eval, cfg.judge_samples, gen)
+        results[name] = r
+        print(f"{name}: oracle mean {r['oracle_mean']:.2f} exact {100 * r['exact_correct']:.1f}% (T={cfg.temperature}); "
+              f"greedy {g['oracle_mean']:.2f} / {100 * g['exact_correct']:.1f}%")
+        print("  judge: " + ", ".join(f"{k} {v:.3f}" for k, v in rm.items()))
+    if cfg.baseline:
+        h = head_to_head(results[cfg.model]["points"], results[cfg.baseline]["points"])
+        print(f"{cfg.model} vs {cfg.baseline}: win {h['win']:.1f} / tie {h['tie']:.1f} / loss {h['loss']:.1f}")
+
+
+if __name__ == "__main__":
+    main(parse_config(EvalConfig, __doc__))

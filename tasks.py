@@ -1,0 +1,783 @@
+"""
+tasks.py -- the synthetic task world of tinyalign.
+
+The default run can download neither models nor data, and a tiny model trained from scratch
+on real text could not judge anything. So tinyalign lives in a small world where every
+response can be graded exactly by code. The oracle grader here plays the part of the human
+labellers of InstructGPT and of the GPT-4 evaluator of Self-Rewarding Language Models.
+
+What lives in this file, top to bottom:
+  1. the lexicon and the task families (prompts in several phrasings, gold responses)
+  2. sampling, the train / held-out split, and parse_task (prompt string -> Task)
+  3. the oracle grader: an additive 5-point rubric, one short reason line per criterion
+  4. corruptions: responses of a given quality (the mistakes alignment has to remove)
+  5. the data sets: pretraining corpus, IFT seed, EFT seed, evaluation prompts and EFT eval
+  6. the LLM-as-a-Judge prompt (judge_prompt.txt) and the judge's target output
+
+Tasks work on lists of small numbers (0-99) and on short lists of words from a fixed
+30-word lexicon. That suits a byte-level BPE with a small vocabulary that splits digits:
+every lexicon word can be a single token, and nothing asks for letter-level manipulation.
+
+Only the standard library is used, and every random choice goes through a random.Random
+instance created from the caller's seed, so all data is reproducible.
+"""
+
+import hashlib
+import os
+import random
+import re
+from dataclasses import dataclass
+
+# -----------------------------------------------------------------------------
+# 1. The lexicon and the task families
+
+# Short, common nouns and colours. None of them appears in a prompt template, a gold
+# prefix ("Sorted:", "First 2:") or a filler phrase, so a word in a response that belongs to
+# the lexicon is always an answer item.
+LEXICON = [
+    "apple", "cat", "dog", "red", "blue", "green", "sun", "moon", "star", "tree",
+    "fish", "bird", "cake", "milk", "car", "box", "hat", "cup", "pen", "egg",
+    "bed", "map", "key", "bag", "ball", "book", "rain", "cow", "pig", "bus",
+]
+_LEXICON_SET = set(LEXICON)
+
+CRITERIA = ["relevant", "substantial", "basic elements", "correct", "impeccable"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one task family looks: its answer kind, prompt templates and gold sentence."""
+    kind: str         # "num_list" (list of numbers), "word_list" (list of words), "number"
+    templates: tuple  # prompt phrasings; slots {xs} {ws} {a} {b} {w} {k}
+    gold: str         # gold sentence; slots {ans} (the answer) and {k}
+    far: int = 0      # number families: |error| <= far earns "substantial"
+    near: int = 0     # number families: |error| <= near earns "basic elements"
+
+
+SPECS = {
+    "sort_asc": Family("num_list", (
+        "Sort these numbers in ascending order: {xs}",
+        "Could you sort these for me from smallest to largest: {xs}?",
+        "Put {xs} in increasing order.",
+        "Please arrange from low to high: {xs}",
+    ), "Sorted: {ans}."),
+    "sort_desc": Family("num_list", (
+        "Sort these numbers in descending order: {xs}",
+        "Could you sort these for me from largest to smallest: {xs}?",
+        "Put {xs} in decreasing order.",
+        "Please arrange from high to low: {xs}",
+    ), "Sorted: {ans}."),
+    "reverse": Family("num_list", (
+        "Reverse this list: {xs}",
+        "Can you write {xs} backwards?",
+        "Give me these numbers in reverse order: {xs}",
+        "What is {xs} reversed?",
+    ), "Reversed: {ans}."),
+    "add": Family("number", (
+        "What is {a} plus {b}?",
+        "Add {a} and {b}.",
+        "Could you tell me the sum of {a} and {b}?",
+        "Compute {a} + {b}.",
+    ), "The sum is {ans}.", far=10, near=1),
+    "sub": Family("number", (
+        "What is {a} minus {b}?",
+        "Subtract {b} from {a}.",
+        "Could you tell me the difference between {a} and {b}?",
+        "Compute {a} - {b}.",
+    ), "The difference is {ans}.", far=10, near=1),
+    "max": Family("number", (
+        "What is the largest number in {xs}?",
+        "Find the maximum of these numbers: {xs}",
+        "Which is biggest: {xs}?",
+    ), "The largest is {ans}.", far=10, near=1),
+    "min": Family("number", (
+        "What is the smallest number in {xs}?",
+        "Find the minimum of these numbers: {xs}",
+        "Which is smallest: {xs}?",
+    ), "The smallest is {ans}.", far=10, near=1),
+    # Counts and lengths are small (0-7), so "the right range" is tighter for them.
+    "count": Family("number", (
+        "How many times does {w} appear in: {ws}?",
+        "Count the word {w} in this list: {ws}",
+        "Could you count how many times {w} shows up in {ws}?",
+    ), "The count is {ans}.", far=2, near=1),
+    "length": Family("number", (
+        "How many items are in this list: {ws}?",
+        "Count the items: {ws}",
+        "How long is the list {ws}?",
+        "Could you tell me how many words are in: {ws}?",
+    ), "The list has {ans} items.", far=2, near=1),
+    "repeat": Family("word_list", (
+        "Repeat the word {w} {k} times.",
+        "Say {w} {k} times.",
+        "Could you write {w} {k} times for me?",
+        "Write the word {w} exactly {k} times.",
+    ), "Repeated: {ans}."),
+    "first_k": Family("word_list", (
+        "Give the first {k} items of: {ws}",
+        "What are the first {k} words in {ws}?",
+        "Could you list the first {k} of these: {ws}?",
+    ), "First {k}: {ans}."),
+    "last_k": Family("word_list", (
+        "Give the last {k} items of: {ws}",
+        "What are the last {k} words in {ws}?",
+        "Could you list the last {k} of these: {ws}?",
+    ), "Last {k}: {ans}."),
+}
+FAMILIES = list(SPECS)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One instance of a task family: the prompt, its structured inputs, answer and gold."""
+    family: str
+    prompt: str
+    args: tuple
+    answer: object  # tuple for list families, int for number families
+    gold: str
+
+
+@dataclass
+class Grade:
+    """The oracle's verdict: 0..5 points and exactly one reason line per criterion."""
+    points: int
+    reasons: list
+
+
+def _solve(family, args):
+    """The canonical answer of a family for the given args."""
+    if family == "sort_asc":
+        return tuple(sorted(args[0]))
+    if family == "sort_desc":
+        return tuple(sorted(args[0], reverse=True))
+    if family == "reverse":
+        return tuple(reversed(args[0]))
+    if family == "add":
+        return args[0] + args[1]
+    if family == "sub":
+        return args[0] - args[1]
+    if family == "max":
+        return max(args[0])
+    if family == "min":
+        return min(args[0])
+    if family == "count":
+        return args[1].count(args[0])
+    if family == "length":
+        return len(args[0])
+    if family == "repeat":
+        return (args[0],) * args[1]
+    if family == "first_k":
+        return tuple(args[1][:args[0]])
+    if family == "last_k":
+        return tuple(args[1][-args[0]:])
+    raise ValueError(f"unknown task family {family!r}")
+
+
+def _slots(family, args):
+    """Map a family's args onto the named template slots."""
+    if family in ("sort_asc", "sort_desc", "reverse", "max", "min"):
+        return {"xs": args[0]}
+    if family in ("add", "sub"):
+        return {"a": args[0], "b": args[1]}
+    if family == "count":
+        return {"w": args[0], "ws": args[1]}
+    if family == "length":
+        return {"ws": args[0]}
+    if family == "repeat":
+        return {"w": args[0], "k": args[1]}
+    return {"k": args[0], "ws": args[1]}  # first_k, last_k
+
+
+def _join(items, sep=" "):
+    return sep.join(str(x) for x in items)
+
+
+def render(family, args, answer):
+    """Write an answer (right or wrong) in the family's gold sentence form."""
+    ans = _join(answer) if isinstance(answer, (tuple, list)) else str(answer)
+    return SPECS[family].gold.format(ans=ans, k=_slots(family, args).get("k", ""))
+
+
+def make_task(family, args, phrasing=0, comma=False):
+    """Build the Task for given args with prompt template number `phrasing`.
+    comma=True writes lists in the prompt as "4, 1, 7" instead of "4 1 7"."""
+    sep = ", " if comma else " "
+    slots = {name: (_join(v, sep) if isinstance(v, tuple) else v)
+             for name, v in _slots(family, args).items()}
+    prompt = SPECS[family].templates[phrasing].format(**slots)
+    answer = _solve(family, args)
+    return Task(family, prompt, args, answer, render(family, args, answer))
+
+
+# -----------------------------------------------------------------------------
+# 2. Sampling, the held-out split, parsing prompts back into tasks
+
+HELDOUT_PER_MILLE = 100  # 10% of all (family, args) pairs are reserved for evaluation
+
+
+def is_heldout(task):
+    """True if the task belongs to the held-out evaluation split.
+
+    The split is a stable hash of (family, args), not of the prompt text, so rephrasing a
+    held-out task does not smuggle it into training. hashlib, because Python's hash() is
+    salted per process."""
+    key = f"{task.family}|{task.args!r}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") % 1000 < HELDOUT_PER_MILLE
+
+
+def _sample_args(rng, family):
+    """Random args for a family, inside the sizes a small model can handle."""
+    if family in ("sort_asc", "sort_desc", "reverse", "max", "min"):
+        while True:
+            xs = tuple(rng.randint(0, 99) for _ in range(rng.randint(3, 7)))
+            # a list that is already in the asked order makes the task trivial, and would
+            # make "echo the input" a correct answer
+            if family in ("max", "min") or _solve(family, (xs,)) != xs:
+                return (xs,)
+    if family == "add":
+        return (rng.randint(0, 99), rng.randint(0, 99))
+    if family == "sub":
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        return (max(a, b), min(a, b))  # keep differences non-negative
+    if family == "count":
+        # draw the list from a pool of three words so the target shows up 0..n times
+        pool = rng.sample(LEXICON, 3)
+        return (pool[0], tuple(rng.choice(pool) for _ in range(rng.randint(3, 7))))
+    if family == "length":
+        return (tuple(rng.choice(LEXICON) for _ in range(rng.randint(3, 7))),)
+    if family == "repeat":
+        return (rng.choice(LEXICON), rng.randint(2, 5))
+    if family in ("first_k", "last_k"):
+        ws = tuple(rng.sample(LEXICON, rng.randint(4, 7)))  # distinct, so order is checkable
+        return (rng.randint(2, min(4, len(ws) - 1)), ws)
+    raise ValueError(f"unknown task family {family!r}")
+
+
+def sample_task(rng, family=None, split=None):
+    """A random task (family uniform unless given, phrasing uniform).
+    split: None for any task, "train" for non-held-out only, "heldout" for held-out only."""
+    if split not in (None, "train", "heldout"):
+        raise ValueError(f"split must be None, 'train' or 'heldout', got {split!r}")
+    while True:  # rejection sampling; every family has tasks on both sides of the split
+        fam = family if family is not None else rng.choice(FAMILIES)
+        args = _sample_args(rng, fam)
+        task = make_task(fam, args, rng.randrange(len(SPECS[fam].templates)), rng.random() < 0.3)
+        if split is None or is_heldout(task) == (split == "heldout"):
+            return task
+
+
+# Prompt parsing: each template becomes a regex with one group per slot. Prompts are
+# compared after collapsing whitespace and dropping trailing . ? !, and case-insensitively,
+# so a model that writes "put 3, 1 and 2 in increasing order" is still understood.
+_NUM = r"[0-9]{1,3}"
+_NUM_LIST = rf"{_NUM}(?:(?:\s*,\s*(?:and\s+)?|\s+and\s+|\s+){_NUM})+"
+_WORD = r"[A-Za-z]+"
+_WORD_LIST = rf"{_WORD}(?:(?:\s*,\s*|\s+){_WORD})+"  # no "and": it would be ambiguous
+_SLOT_RE = {"xs": _NUM_LIST, "ws": _WORD_LIST, "a": _NUM, "b": _NUM, "k": _NUM, "w": _WORD}
+
+
+def _template_regex(template):
+    parts = re.split(r"\{(\w+)\}", template.rstrip(".?!"))
+    out = []
+    for i, part in enumerate(parts):
+        out.append(f"(?P<{part}>{_SLOT_RE[part]})" if i % 2 else re.escape(part))
+    return re.compile("".join(out), re.IGNORECASE)
+
+
+_PARSERS = [(fam, _template_regex(t)) for fam, spec in SPECS.items() for t in spec.templates]
+
+
+def _args_from_slots(family, g):
+    """Turn matched slot strings into the family's args tuple."""
+    nums = lambda s: tuple(int(x) for x in re.findall(r"[0-9]+", s))
+    words = lambda s: tuple(w.lower() for w in re.findall(r"[A-Za-z]+", s))
+    if family in ("sort_asc", "sort_desc", "reverse", "max", "min"):
+        return (nums(g["xs"]),)
+    if family in ("add", "sub"):
+        return (int(g["a"]), int(g["b"]))
+    if family == "count":
+        return (g["w"].lower(), words(g["ws"]))
+    if family == "length":
+        return (words(g["ws"]),)
+    if family == "repeat":
+        return (g["w"].lower(), int(g["k"]))
+    return (int(g["k"]), words(g["ws"]))
+
+
+def _valid_args(family, args):
+    """Looser than the sampler (a model may write 2 or 9 items) but still a sane task."""
+    lists = [a for a in args if isinstance(a, tuple)]
+    if any(not 2 <= len(xs) <= 10 for xs in lists):
+        return False
+    words = [a for a in args if isinstance(a, str)] + [w for xs in lists for w in xs
+                                                       if isinstance(w, str)]
+    if any(w not in _LEXICON_SET for w in words):
+        return False
+    if family == "repeat":
+        return 2 <= args[1] <= 9
+    if family in ("first_k", "last_k"):
+        return 2 <= args[0] <= len(args[1])
+    return True
+
+
+def parse_task(prompt):
+    """Recover the Task from a prompt in any of the known phrasings, or None.
+
+    Used to oracle-grade prompts that a model wrote itself; the returned Task keeps the
+    prompt string exactly as given."""
+    if not isinstance(prompt, str) or len(prompt) > 400:
+        return None
+    norm = " ".join(prompt.split()).rstrip(" .?!")
+    for family, regex in _PARSERS:
+        m = regex.fullmatch(norm)
+        if m:
+            args = _args_from_slots(family, m.groupdict())
+            if _valid_args(family, args):
+                answer = _solve(family, args)
+                return Task(family, prompt, args, answer, render(family, args, answer))
+    return None
+
+
+# -----------------------------------------------------------------------------
+# 3. The oracle grader
+#
+# Answer extraction. The response is split into tokens: integers, words and single
+# punctuation marks. A "run" is a maximal sequence of answer items -- numbers for number
+# families, lexicon words for word families -- separated only by spaces, commas or "and".
+# Anything else (a full stop, a non-lexicon word, a colon) ends the run.
+#   * list families: the answer is the LAST run with at least 2 items;
+#   * number families: the answer is the LAST run, and it must be a single number.
+# "Last" because models (and people) state the final answer at the end: in
+# "The sum of 5 and 7 is 12." the answer is 12, not 5.
+#
+# Rubric (additive, strictly cumulative: a point is given only if all earlier points were,
+# so 0..5 are ordered quality levels and the judge's job is "find the first failure"):
+#   1 relevant        an answer of the right kind (a list of >= 2 items / exactly one number)
+#   2 substantial     right shape: right number of items / within `far` of the answer
+#   3 basic elements  right content: same items as expected (any order) / within `near`
+#   4 correct         the exact answer
+#   5 impeccable      the whole response is the gold sentence (whitespace aside): correct,
+#                     stated once, nothing extra, ends with a full stop
+
+_TOKEN_RE = re.compile(r"-?[0-9]+|[A-Za-z]+|\S")
+
+
+def _runs(text, kind):
+    """All runs of answer items in the text, in order (see the extraction rule above)."""
+    runs, cur = [], []
+    for m in _TOKEN_RE.finditer(text):
+        tok = m.group()
+        item = None
+        if kind == "word_list":
+            if tok.lower() in _LEXICON_SET:
+                item = tok.lower()
+        elif "0" <= tok[-1] <= "9" and len(tok) <= 10:  # ASCII; a 5000-digit blob is no number
+            item = int(tok)
+        if item is not None:
+            cur.append(item)
+        elif cur and (tok == "," or tok.lower() == "and"):
+            continue  # separators keep the run open
+        elif cur:
+            runs.append(tuple(cur))
+            cur = []
+    if cur:
+        runs.append(tuple(cur))
+    return runs
+
+
+def _list_checks(task, runs, norm):
+    """Yield (ok, reason) for each criterion of a list family, stopping at the first miss."""
+    noun = "words" if SPECS[task.family].kind == "word_list" else "numbers"
+    lists = [r for r in runs if len(r) >= 2]
+    if not lists:
+        yield False, f"no list of {noun}"
+        return
+    yield True, f"gives a list of {noun}"
+    got, ans = lists[-1], task.answer
+    if len(got) != len(ans):
+        yield False, "wrong number of items"
+        return
+    yield True, "right number of items"
+    if task.family == "repeat":
+        # every item is the same word, so "same items in any order" would equal "exact";
+        # here the content point means: at most one word is wrong
+        ok = sum(x == ans[0] for x in got) >= len(ans) - 1
+        yield ok, "mostly the right word" if ok else "wrong words"
+    elif task.family in ("first_k", "last_k"):
+        ok = sorted(got) == sorted(ans)
+        yield ok, "the right words" if ok else "wrong words"
+    else:
+        ok = sorted(got) == sorted(ans)
+        yield ok, "same numbers as given" if ok else "numbers differ from given"
+    if not ok:
+        return
+    if got != ans:
+        yield False, "one word is wrong" if task.family == "repeat" else "wrong order"
+        return
+    yield True, "exact answer"
+    yield _impeccable(task, runs, got, norm)
+
+
+def _number_checks(task, runs, norm):
+    """Yield (ok, reason) for each criterion of a number family, stopping at the first miss."""
+    if not runs:
+        yield False, "no number given"
+        return
+    got = runs[-1]
+    if len(got) != 1:
+        yield False, "several numbers, not one"
+        return
+    yield True, "gives one number"
+    spec, err = SPECS[task.family], abs(got[0] - task.answer)
+    if err > spec.far:
+        yield False, "far from the answer"
+        return
+    yield True, "in the right range"
+    if err > spec.near:
+        yield False, "off by more than one"
+        return
+    yield True, "off by at most one"
+    if err:
+        yield False, "off by one"
+        return
+    yield True, "exact answer"
+    yield _impeccable(task, runs, got, norm)
+
+
+def _impeccable(task, runs, got, norm):
+    """The fifth point: the response (whitespace collapsed) is exactly the gold sentence."""
+    if norm == task.gold:
+        return True, "clean, stated once"
+    if sum(r == got for r in runs) >= 2:
+        return False, "answer stated twice"
+    if norm == task.gold[:-1]:
+        return False, "missing final period"
+    if task.gold in norm:
+        return False, "extra text around the answer"
+    return False, "not in the expected form"
+
+
+def grade(task, response):
+    """Oracle-grade a response: 0..5 points and exactly 5 short reason lines.
+
+    Never raises on any string (a non-string is converted with str())."""
+    if not isinstance(response, str):
+        response = str(response)
+    kind = SPECS[task.family].kind
+    runs = _runs(response, kind)
+    norm = " ".join(response.split())
+    checks = (_number_checks if kind == "number" else _list_checks)(task, runs, norm)
+    points, reasons = 0, []
+    for name, (ok, why) in zip(CRITERIA, checks):
+        reasons.append(f"+{int(ok)} {name}: {why}")
+        if not ok:
+            break
+        points += 1
+    for name in CRITERIA[len(reasons):]:
+        reasons.append(f"+0 {name}: earlier point missing")
+    return Grade(points, reasons)
+
+
+def grade_prompt(prompt, response):
+    """Oracle-grade a response to a prompt string; None if the prompt is not a known task."""
+    task = parse_task(prompt)
+    return None if task is None else grade(task, response)
+
+
+# -----------------------------------------------------------------------------
+# 4. Corruptions: responses of a chosen quality
+#
+#   gold          the gold sentence                                             -> 5
+#   partly_wrong  gold form, answer damaged (swap, drop, replace, off by n)     -> 0..3
+#   wrong_kind    an answer of another family's kind ("The sum is 21." to a sort) -> 0
+#   verbose       gold wrapped in chatty filler                                 -> 4
+#   repeated      the gold sentence said twice                                  -> 4
+#   looping       the last item stuck in a loop, never ended                    -> 0..1
+#   truncated     gold cut off at a random character                            -> 0..4
+#   no_answer     an evasive sentence with no answer                            -> 0
+#   echo          the prompt repeated back                                      -> 0..4
+
+CORRUPTIONS = ["gold", "partly_wrong", "wrong_kind", "verbose", "repeated", "looping",
+               "truncated", "no_answer", "echo"]
+
+# Filler phrases contain no digits and no lexicon words, so they never add answer items.
+_OPENERS = ["Sure!", "Of course.", "Happy to help.", "Let me work this out.",
+            "Good question.", "Okay, here you go."]
+_CLOSERS = ["I hope this helps.", "Let me know if you need anything else.",
+            "That was an easy one.", "Have a nice day!", "Thanks for asking."]
+_NO_ANSWER = ["I am not sure.", "Sorry, I cannot answer that.", "I do not know.",
+              "Let me think about it.", "That is a hard question.", "Hmm, good question."]
+
+
+def _damage_list(task, rng):
+    """One plausible mistake on a list answer (may rarely leave it unchanged)."""
+    items, fam = list(task.answer), task.family
+    numeric = SPECS[fam].kind == "num_list"
+    mode = rng.choice(["swap", "drop", "replace", "special"])
+    if mode == "swap":
+        i = rng.randrange(len(items) - 1)
+        items[i], items[i + 1] = items[i + 1], items[i]
+    elif mode == "drop":
+        del items[rng.randrange(len(items))]
+    elif mode == "replace":
+        i = rng.randrange(len(items))
+        if numeric:  # an off-by-one or a stray number
+            items[i] = items[i] + rng.choice((-1, 1)) if rng.random() < 0.5 else rng.randint(0, 99)
+            items[i] = abs(items[i])
+        else:
+            items[i] = rng.choice(LEXICON)
+    elif fam in ("sort_asc", "sort_desc", "reverse"):
+        items = list(task.args[0])  # gave the input back unchanged
+    elif fam == "first_k":
+        k, ws = task.args
+        items = list(ws[1:k + 1])  # window shifted by one
+    elif fam == "last_k":
+        k, ws = task.args
+        items = list(ws[-k - 1:-1])
+    elif fam == "repeat":
+        w, k = task.args
+        items = [rng.choice(LEXICON)] * k if rng.random() < 0.5 else [w] * (k + rng.choice((-1, 1)))
+    return tuple(items)
+
+
+def _damage_number(task, rng):
+    """A wrong number: off by one, off by a bit, or far off."""
+    spec, ans = SPECS[task.family], task.answer
+    d = rng.choice([spec.near, rng.randint(spec.near + 1, spec.far),
+                    rng.randint(spec.far + 1, spec.far + 20)])
+    wrong = ans + d * rng.choice((-1, 1))
+    return wrong if wrong >= 0 else ans + d
+
+
+def _wrong_kind(task, rng):
+    """An answer of the wrong kind for the task (always 0 points)."""
+    kind, args = SPECS[task.family].kind, task.args
+    if kind == "num_list":
+        xs = args[0]
+        return rng.choice([f"The sum is {sum(xs)}.", f"The largest is {max(xs)}.",
+                           f"The list has {len(xs)} items."])
+    if kind == "word_list":
+        ws = args[1] if isinstance(args[1], tuple) else (args[0],) * args[1]
+        return rng.choice([f"The count is {rng.randint(0, 5)}.", f"The list has {len(ws)} items.",
+                           f"The sum is {rng.randint(2, 99)}."])
+    if task.family in ("max", "min"):
+        xs = args[0]
+        return rng.choice([f"Sorted: {_join(sorted(xs))}.", f"Reversed: {_join(xs[::-1])}."])
+    if task.family in ("add", "sub"):
+        w = rng.choice(LEXICON)
+        return rng.choice([f"Sorted: {_join(sorted(args))}.", f"Repeated: {w} {w}."])
+    ws = args[-1]  # count, length: answer with words instead of a number
+    return rng.choice([f"Reversed: {_join(ws[::-1])}.", f"Repeated: {ws[0]} {ws[0]}."])
+
+
+def corrupt(task, rng, kind):
+    """A response to `task` of the given quality kind (one of CORRUPTIONS)."""
+    if kind == "gold":
+        return task.gold
+    if kind == "partly_wrong":
+        damage = _damage_number if SPECS[task.family].kind == "number" else _damage_list
+        for _ in range(50):
+            wrong = damage(task, rng)
+            if wrong != task.answer:
+                return render(task.family, task.args, wrong)
+        return render(task.family, task.args, task.answer[:-1])  # unreachable in practice
+    if kind == "wrong_kind":
+        return _wrong_kind(task, rng)
+    if kind == "verbose":
+        opener = rng.choice(_OPENERS) if rng.random() < 0.7 else ""
+        closer = rng.choice(_CLOSERS) if not opener or rng.random() < 0.5 else ""
+        return " ".join(s for s in (opener, task.gold, closer) if s)
+    if kind == "repeated":
+        return task.gold + " " + task.gold  # not 3 times: judge prompts must fit the context
+    if kind == "looping":
+        ans = task.answer
+        last = ans[-1] if isinstance(ans, tuple) else ans
+        return task.gold[:-1] + f" {last}" * rng.randint(3, 6)
+    if kind == "truncated":
+        return task.gold[:rng.randint(1, len(task.gold) - 1)]
+    if kind == "no_answer":
+        return rng.choice(_NO_ANSWER)
+    if kind == "echo":
+        return task.prompt
+    raise ValueError(f"unknown corruption kind {kind!r}; expected one of {CORRUPTIONS}")
+
+
+# -----------------------------------------------------------------------------
+# 5. Data sets
+#
+# Every generator derives its own random stream from (name, seed), so pretrain_corpus(1)
+# and ift_seed(1) are unrelated. Train generators draw only non-held-out tasks and
+# eval generators only held-out ones, so the two never share a (family, args) pair.
+
+# How the "web" answers: ~40% gold, the rest the typical mistakes of a weak model.
+CORPUS_MIX = {
+    "gold": 0.40, "partly_wrong": 0.18, "verbose": 0.10, "truncated": 0.08,
+    "repeated": 0.07, "wrong_kind": 0.07, "looping": 0.04, "echo": 0.03, "no_answer": 0.03,
+}
+
+
+def _rng(name, seed):
+    # str seeds are hashed with sha512 by random.Random: stable across runs and machines
+    return random.Random(f"tinyalign/{name}/{seed}")
+
+
+def _corpus_response(task, rng):
+    kind = rng.choices(list(CORPUS_MIX), weights=list(CORPUS_MIX.values()))[0]
+    return corrupt(task, rng, kind)
+
+
+def pretrain_corpus(seed, n_docs):
+    """n_docs plain-text documents: Q/A pages, chat logs and numbered task lists.
+
+    Answers in the documents are drawn from CORPUS_MIX, so a model that imitates the corpus
+    is right only some of the time. Task lists teach the model to write new prompts when
+    shown "1. ... 2. ... 3." (few-shot prompt generation in the self-rewarding loop)."""
+    rng = _rng("corpus", seed)
+    docs = []
+    for _ in range(n_docs):
+        style = rng.choices(["qa", "chat", "list"], weights=[0.45, 0.35, 0.20])[0]
+        if style == "qa":
+            q, a = rng.choice([("Q: ", "A: "), ("Question: ", "Answer: ")])
+            pairs = []
+            for _ in range(rng.choice([1, 1, 2, 3, 4])):
+                task = sample_task(rng, split="train")
+                pairs.append(f"{q}{task.prompt}\n{a}{_corpus_response(task, rng)}")
+            docs.append("\n\n".join(pairs))
+        elif style == "chat":
+            turns = []
+            for _ in range(rng.choice([1, 2, 3])):
+                task = sample_task(rng, split="train")
+                turns.append(f"User: {task.prompt}\nAssistant: {_corpus_response(task, rng)}")
+            docs.append("\n".join(turns))
+        else:
+            head = rng.choice(["Tasks:", "Practice questions:", "Exercises:",
+                               "Some things to ask an assistant:"])
+            lines = [f"{i + 1}. {sample_task(rng, split='train').prompt}"
+                     for i in range(rng.randint(3, 6))]
+            docs.append("\n".join([head] + lines))
+    return docs
+
+
+def ift_seed(seed, n):
+    """n (instruction, gold response) pairs from training tasks, families balanced,
+    instructions distinct."""
+    rng = _rng("ift", seed)
+    out, seen = [], set()
+    for i in range(n):
+        family = FAMILIES[i % len(FAMILIES)]
+        for _ in range(100):  # distinct prompts; the task space is large, this rarely loops
+            task = sample_task(rng, family, split="train")
+            if task.prompt not in seen:
+                break
+        seen.add(task.prompt)
+        out.append((task.prompt, task.gold))
+    rng.shuffle(out)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# 6. The judge: prompt template and target output
+
+
+def load_judge_template(path=None):
+    """The LLM-as-a-Judge template (judge_prompt.txt beside this file unless path is given)."""
+    if path is None:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "judge_prompt.txt")
+    with open(path, encoding="utf-8") as f:
+        template = f.read().strip()
+    for slot in ("{instruction}", "{response}"):
+        if slot not in template:
+            raise ValueError(f"{path}: judge template has no {slot} placeholder")
+    return template
+
+
+def judge_prompt(template, instruction, response):
+    """Fill the judge template. One regex pass, so braces in the instruction or response
+    (even a literal "{response}" inside the instruction) are left exactly as written."""
+    values = {"instruction": instruction, "response": response}
+    return re.sub(r"\{(instruction|response)\}", lambda m: values[m.group(1)], template)
+
+
+def judge_target(grade):
+    """What the judge should write: the 5 reason lines, then "Score: k"."""
+    return "\n".join(list(grade.reasons) + [f"Score: {grade.points}"])
+
+
+# To reach a target score quickly we draw corruption kinds that often produce it, then keep
+# the sample only if the oracle gives exactly that score (rejection sampling).
+_KINDS_FOR_SCORE = {
+    5: ["gold"],
+    4: ["verbose", "repeated", "truncated"],
+    3: ["partly_wrong", "echo"],
+    2: ["partly_wrong", "truncated", "echo"],
+    1: ["partly_wrong", "looping", "truncated"],
+    0: ["wrong_kind", "no_answer", "truncated", "looping", "echo", "partly_wrong"],
+}
+
+
+def eft_seed(seed, n, template):
+    """n (filled judge prompt, judge target) pairs on training tasks.
+
+    Balanced scores: example i gets the target score i % 6 (then the list is shuffled), so
+    each score 0..5 appears n // 6 or n // 6 + 1 times. A judge trained on the natural mix
+    would mostly see 5s and learn to say 5."""
+    rng = _rng("eft", seed)
+    out, seen = [], set()
+    for i in range(n):
+        target = i % 6
+        for _ in range(10_000):
+            task = sample_task(rng, split="train")
+            response = corrupt(task, rng, rng.choice(_KINDS_FOR_SCORE[target]))
+            g = grade(task, response)
+            if g.points == target and (task.prompt, response) not in seen:
+                break
+        else:
+            raise RuntimeError(f"could not sample an EFT example with score {target}")
+        seen.add((task.prompt, response))
+        out.append((judge_prompt(template, task.prompt, response), judge_target(g)))
+    rng.shuffle(out)
+    return out
+
+
+def eval_prompts(seed, n):
+    """n distinct held-out tasks, families in turn (balanced), for instruction following."""
+    rng = _rng("eval", seed)
+    out, seen = [], set()
+    while len(out) < n:
+        before = len(out)
+        for family in FAMILIES:
+            if len(out) == n:
+                break
+            for _ in range(200):  # small families (repeat) can run out of new prompts
+                task = sample_task(rng, family, split="heldout")
+                if task.prompt not in seen:
+                    seen.add(task.prompt)
+                    out.append(task)
+                    break
+        if len(out) == before:
+            raise RuntimeError(f"only {before} distinct held-out prompts exist; asked for {n}")
+    return out
+
+
+def eft_eval_set(seed, n_prompts, k):
+    """Held-out reward-modeling set: per prompt, k distinct responses and their points.
+
+    Responses are drawn from all corruption kinds; while possible, each new response must
+    also have a new score, so every prompt gets a spread of quality levels to rank."""
+    rng = _rng("eft_eval", seed)
+    out = []
+    for task in eval_prompts(seed, n_prompts):
+        responses, points = [], []
+        for attempt in range(400):
+            if len(responses) == k:
+                break
+            text = corrupt(task, rng, rng.choice(CORRUPTIONS))
+            p = grade(task, text).points
+            if text in responses or (p in points and attempt < 200 and len(set(points)) < 6):
+                continue
+            responses.append(text)
+            points.append(p)
+        if len(responses) < k:
+            raise RuntimeError(f"could not find {k} distinct responses for {task.prompt!r}")
+        out.append((task, responses, points))
+    return out

@@ -1,0 +1,467 @@
+"""Tests for the synthetic task world (tasks.py): grader, parser, corruptions, data sets."""
+
+import random
+import re
+from collections import Counter
+
+import pytest
+
+import tasks
+from tasks import CRITERIA, CORRUPTIONS, FAMILIES, grade, make_task, parse_task
+
+# -----------------------------------------------------------------------------
+# the grader on hand-written responses: every family, every score 0..5
+
+# family -> (args, {points: [responses that must get exactly these points]})
+HAND = {
+    "sort_asc": (((5, 2, 9),), {
+        0: ["The sum is 16.", "I do not know.", "Sorted: 2."],
+        1: ["Sorted: 2 5.", "Sorted: 2 5 9 9 9"],
+        2: ["Sorted: 2 5 8.", "2 5 5"],
+        3: ["Sorted: 5 2 9.", "Sort these numbers in ascending order: 5 2 9"],
+        4: ["Sorted: 2 5 9", "Sorted: 2, 5 and 9.", "Sure! Sorted: 2 5 9.",
+            "Sorted: 2 5 9. Sorted: 2 5 9."],
+        5: ["Sorted: 2 5 9.", "  Sorted:\t2  5 9. \n"],
+    }),
+    "sort_desc": (((5, 2, 9),), {
+        0: ["The largest is 9.", ""],
+        1: ["Sorted: 9 5 2 2 2", "Sorted: 9 5."],
+        2: ["Sorted: 9 5 1."],
+        3: ["Sorted: 2 5 9."],
+        4: ["Sure! Sorted: 9 5 2. Thanks for asking."],
+        5: ["Sorted: 9 5 2."],
+    }),
+    "reverse": (((1, 7, 3),), {
+        0: ["Reversed.", "Reversed: 3"],
+        1: ["Reversed: 3 7."],
+        2: ["Reversed: 3 7 2."],
+        3: ["Reversed: 1 7 3.", "Reversed: 1, 3, 7."],
+        4: ["Reversed: 3 7 1. Reversed: 3 7 1.", "3 7 1"],
+        5: ["Reversed: 3 7 1."],
+    }),
+    "add": ((12, 30), {
+        0: ["The sum is 12 30.", "forty-two", "The sum is ."],
+        1: ["The sum is 60.", "The sum is 0."],
+        2: ["The sum is 45.", "The sum is 32."],
+        3: ["The sum is 43.", "The sum is 41."],
+        4: ["The sum of 12 and 30 is 42.", "42", "The sum is 42"],
+        5: ["The sum is 42."],
+    }),
+    "sub": ((50, 8), {
+        0: ["Fifty minus eight.", "The difference is 50 8."],
+        1: ["The difference is 58."],
+        2: ["The difference is 40."],
+        3: ["The difference is 41."],
+        4: ["The difference is 42", "The difference is 42. The difference is 42."],
+        5: ["The difference is 42."],
+    }),
+    "max": (((4, 81, 17),), {
+        0: ["The largest is 4 81 17.", "Sorted: 4 17 81."],
+        1: ["The largest is 17."],
+        2: ["The largest is 79."],
+        3: ["The largest is 80."],
+        4: ["81", "The largest is 81. I hope this helps."],
+        5: ["The largest is 81."],
+    }),
+    "min": (((4, 81, 17),), {
+        0: ["", "Which is smallest?"],
+        1: ["The smallest is 17."],
+        2: ["The smallest is 6."],
+        3: ["The smallest is 5.", "The smallest is 3."],
+        4: ["The smallest is 4. The smallest is 4."],
+        5: ["The smallest is 4."],
+    }),
+    "count": (("cat", ("cat", "dog", "cat")), {
+        0: ["The count is cat cat.", "Repeated: cat cat."],
+        1: ["The count is 5."],
+        2: ["The count is 4.", "The count is 0."],
+        3: ["The count is 3.", "The count is 1."],
+        4: ["It is 2, I think.", "The count is 2"],
+        5: ["The count is 2."],
+    }),
+    "length": ((("red", "sun", "box", "cup"),), {
+        0: ["red sun box cup", "The list has 4 5 items."],
+        1: ["The list has 9 items."],
+        2: ["The list has 6 items.", "The list has 2 items."],
+        3: ["The list has 5 items."],
+        4: ["The list has 4 items. I hope this helps.", "The list has 4 items"],
+        5: ["The list has 4 items."],
+    }),
+    "repeat": (("dog", 3), {
+        0: ["Repeated: 3.", "dog"],
+        1: ["Repeated: dog dog.", "Repeated: dog dog dog dog."],
+        2: ["Repeated: cat cat dog.", "Repeated: cat cat cat."],
+        3: ["Repeated: dog cat dog."],
+        4: ["dog dog dog", "Repeated: dog, dog and dog."],
+        5: ["Repeated: dog dog dog."],
+    }),
+    "first_k": ((2, ("red", "sun", "box", "cup")), {
+        0: ["First 2: red.", "The list has 4 items."],
+        1: ["First 2: red sun box."],
+        2: ["First 2: sun box."],
+        3: ["First 2: sun red."],
+        4: ["First 2: RED SUN.", "red sun"],
+        5: ["First 2: red sun."],
+    }),
+    "last_k": ((2, ("red", "sun", "box", "cup")), {
+        0: ["Last 2: 3 4.", "Last 2: cup."],
+        1: ["Last 2: sun box cup."],
+        2: ["Last 2: sun box."],
+        3: ["Last 2: cup box."],
+        4: ["Last 2: box cup", "Okay, here you go. Last 2: box cup."],
+        5: ["Last 2: box cup."],
+    }),
+}
+
+HAND_CASES = [(fam, pts, resp) for fam, (_, table) in HAND.items()
+              for pts, resps in table.items() for resp in resps]
+
+
+def test_hand_table_covers_every_family_and_score():
+    assert set(HAND) == set(FAMILIES)
+    for fam, (_, table) in HAND.items():
+        assert sorted(table) == [0, 1, 2, 3, 4, 5], fam
+
+
+def _check_reasons(g):
+    """Structure every Grade must have: 5 short lines, one per criterion, +1s first."""
+    assert 0 <= g.points <= 5
+    assert len(g.reasons) == 5
+    for name, line in zip(CRITERIA, g.reasons):
+        assert re.fullmatch(rf"\+[01] {name}: \S.*", line), line
+        assert len(line.split()) <= 9, line
+    marks = [line[1] for line in g.reasons]
+    assert marks == ["1"] * g.points + ["0"] * (5 - g.points)  # strictly cumulative
+
+
+@pytest.mark.parametrize("family,points,response", HAND_CASES)
+def test_grader_hand_written(family, points, response):
+    args, _ = HAND[family]
+    task = make_task(family, args)
+    g = grade(task, response)
+    assert g.points == points, (response, g.reasons)
+    _check_reasons(g)
+
+
+def test_gold_of_hand_tasks_is_what_the_table_calls_5():
+    for fam, (args, table) in HAND.items():
+        assert make_task(fam, args).gold == table[5][0]
+
+
+def test_reason_lines_say_what_went_wrong():
+    t = make_task("sort_asc", ((5, 2, 9),))
+    assert grade(t, "Sorted: 5 2 9.").reasons[3] == "+0 correct: wrong order"
+    assert grade(t, "Sorted: 2 5.").reasons[1] == "+0 substantial: wrong number of items"
+    assert grade(t, "Sorted: 2 5.").reasons[2:] == [
+        "+0 basic elements: earlier point missing", "+0 correct: earlier point missing",
+        "+0 impeccable: earlier point missing"]
+    assert grade(t, "Sorted: 2 5 9. Sorted: 2 5 9.").reasons[4] == "+0 impeccable: answer stated twice"
+    assert grade(t, "Sorted: 2 5 9").reasons[4] == "+0 impeccable: missing final period"
+    assert grade(t, "Sure! Sorted: 2 5 9.").reasons[4] == "+0 impeccable: extra text around the answer"
+    assert grade(t, "Sorted: 2 5 9.").reasons[4] == "+1 impeccable: clean, stated once"
+    a = make_task("add", (12, 30))
+    assert grade(a, "Sorted: 12 30.").reasons[0] == "+0 relevant: several numbers, not one"
+    assert grade(a, "no idea").reasons[0] == "+0 relevant: no number given"
+    assert grade(a, "The sum is 43.").reasons[3] == "+0 correct: off by one"
+
+
+def test_answer_is_last_run():
+    # "last" extraction: the final statement counts, earlier numbers in the sentence do not
+    t = make_task("sort_asc", ((5, 2, 9),))
+    assert grade(t, "Sorted: 2 5 9. No wait: 9 5 2.").points == 3
+    assert grade(t, "Sorted: 9 5 2. No wait: 2 5 9.").points == 4
+
+
+# -----------------------------------------------------------------------------
+# fuzzing the grader: it never raises and always returns a well-formed Grade
+
+def _fuzz_strings(rng):
+    pieces = tasks.LEXICON + [str(i) for i in range(120)] + [
+        ",", ".", ":", "and", "-", "-3", "Sorted:", "The sum is", "First 2:", "{", "}",
+        "\n", "  ", "é", "\u202e", "\x00", "🙂", "9" * 50, "Score: 5", "+1 relevant:"]
+    out = ["", " ", ".", "0", "-", "and and and", "9" * 5000, "1 " * 20000, "cat " * 20000,
+           "x" * 200_000, "\ud800", "\ufffd", "١٢٣", "Ⅻ", "²³"]
+    for _ in range(300):  # random unicode, including astral planes
+        out.append("".join(chr(rng.choice([rng.randint(0, 0x7F), rng.randint(0x80, 0xD7FF),
+                                            rng.randint(0xE000, 0x10FFFF)]))
+                           for _ in range(rng.randint(0, 60))))
+    for _ in range(500):  # soup of answer-like tokens
+        out.append(" ".join(rng.choice(pieces) for _ in range(rng.randint(0, 30))))
+    return out
+
+
+def test_grader_fuzz_never_raises():
+    rng = random.Random(0)
+    strings = _fuzz_strings(rng)
+    for i, family in enumerate(FAMILIES):
+        task = tasks.sample_task(random.Random(i), family)
+        for s in strings:
+            _check_reasons(grade(task, s))
+        for kind in CORRUPTIONS:
+            for _ in range(20):
+                _check_reasons(grade(task, tasks.corrupt(task, rng, kind)))
+    # not a string at all: converted, not crashed
+    _check_reasons(grade(tasks.sample_task(rng), None))
+
+
+# -----------------------------------------------------------------------------
+# corruptions
+
+# the score each corruption kind is defined to have (inclusive range)
+EXPECTED = {
+    "gold": (5, 5), "partly_wrong": (0, 3), "wrong_kind": (0, 0), "verbose": (4, 4),
+    "repeated": (4, 4), "looping": (0, 1), "truncated": (0, 4), "no_answer": (0, 0),
+    "echo": (0, 4),
+}
+
+
+def test_corruption_scores():
+    assert set(EXPECTED) == set(CORRUPTIONS)
+    rng = random.Random(1)
+    seen = {kind: Counter() for kind in CORRUPTIONS}
+    for _ in range(3000):
+        task = tasks.sample_task(rng)
+        for kind in CORRUPTIONS:
+            text = tasks.corrupt(task, rng, kind)
+            p = grade(task, text).points
+            lo, hi = EXPECTED[kind]
+            assert lo <= p <= hi, (kind, task, text, p)
+            assert (text == task.gold) == (kind == "gold"), (kind, text)
+            seen[kind][p] += 1
+    # partly_wrong must produce the middle levels, not just one of them
+    assert all(seen["partly_wrong"][p] > 100 for p in (1, 2, 3)), seen["partly_wrong"]
+
+
+def test_corrupt_rejects_unknown_kind():
+    with pytest.raises(ValueError):
+        tasks.corrupt(tasks.sample_task(random.Random(0)), random.Random(0), "sarcastic")
+
+
+# -----------------------------------------------------------------------------
+# parse_task
+
+def test_parse_round_trips_every_family_and_phrasing():
+    rng = random.Random(2)
+    for family in FAMILIES:
+        for phrasing in range(len(tasks.SPECS[family].templates)):
+            for comma in (False, True):
+                for _ in range(10):
+                    task = make_task(family, tasks._sample_args(rng, family), phrasing, comma)
+                    assert parse_task(task.prompt) == task, task.prompt
+
+
+def test_parse_round_trips_sampled_tasks():
+    rng = random.Random(3)
+    for _ in range(2000):
+        task = tasks.sample_task(rng)
+        assert parse_task(task.prompt) == task
+
+
+def test_parse_is_lenient_with_surface_form():
+    t = parse_task("  sort these numbers in ascending order:   4, 1 and 7 . ")
+    assert t is not None and t.family == "sort_asc" and t.answer == (1, 4, 7)
+    t = parse_task("What is 3 plus 4")
+    assert t is not None and t.answer == 7 and t.gold == "The sum is 7."
+    t = parse_task("Repeat the word CAT 2 times!")
+    assert t is not None and t.args == ("cat", 2)
+
+
+@pytest.mark.parametrize("prompt", [
+    "", "Hello there", "Sort these numbers: 3 1 2",  # unknown phrasing
+    "Repeat the word zebra 3 times.",                # not a lexicon word
+    "Sort these numbers in ascending order: 5",      # a list of one
+    "Give the first 5 items of: red sun",            # k larger than the list
+    "Say cat 1 times.",                              # k too small to make a list
+    "What is 1 plus 2?" * 100,                       # far too long
+])
+def test_parse_rejects(prompt):
+    assert parse_task(prompt) is None
+
+
+def test_parse_fuzz_never_raises():
+    rng = random.Random(4)
+    for s in _fuzz_strings(rng)[:600]:
+        t = parse_task(s)
+        assert t is None or t.family in FAMILIES
+    assert parse_task(None) is None
+
+
+# -----------------------------------------------------------------------------
+# determinism, seeds and the held-out split
+
+def _all_outputs(seed):
+    tpl = tasks.load_judge_template()
+    return (tasks.pretrain_corpus(seed, 40), tasks.ift_seed(seed, 40), tasks.eft_seed(seed, 30, tpl),
+            tasks.eval_prompts(seed, 30), tasks.eft_eval_set(seed, 10, 4))
+
+
+def test_deterministic_and_independent_of_global_rng():
+    random.seed(123)
+    a = _all_outputs(7)
+    random.seed(456)
+    b = _all_outputs(7)
+    assert a == b
+    c = _all_outputs(8)
+    for x, y in zip(a, c):
+        assert x != y
+
+
+def test_heldout_split():
+    rng = random.Random(5)
+    draws = [tasks.sample_task(rng) for _ in range(4000)]
+    frac = sum(map(tasks.is_heldout, draws)) / len(draws)
+    assert 0.07 < frac < 0.13
+    for t in draws[:200]:  # the split depends on (family, args), never on the phrasing
+        other = make_task(t.family, t.args, phrasing=1, comma=True)
+        assert tasks.is_heldout(other) == tasks.is_heldout(t)
+    assert all(tasks.is_heldout(tasks.sample_task(rng, split="heldout")) for _ in range(200))
+    assert not any(tasks.is_heldout(tasks.sample_task(rng, split="train")) for _ in range(200))
+
+
+def _corpus_prompts(docs):
+    out = []
+    for d in docs:
+        out += re.findall(r"^(?:Q|Question|User): (.*)$", d, re.M)
+        out += re.findall(r"^\d+\. (.*)$", d, re.M)
+    return out
+
+
+def test_eval_prompts_disjoint_from_training_data():
+    tpl = tasks.load_judge_template()
+    evals = tasks.eval_prompts(0, 300)
+    assert len(evals) == 300 and len({t.prompt for t in evals}) == 300
+    assert all(tasks.is_heldout(t) for t in evals)
+    assert Counter(t.family for t in evals) == Counter({f: 25 for f in FAMILIES})
+
+    train_prompts = _corpus_prompts(tasks.pretrain_corpus(0, 1500))
+    train_prompts += [p for p, _ in tasks.ift_seed(0, 600)]
+    train_prompts += [re.search(r"^Question: (.*)$", p, re.M).group(1)
+                      for p, _ in tasks.eft_seed(0, 300, tpl)]
+    assert len(train_prompts) > 3000
+    train_tasks = [parse_task(p) for p in train_prompts]
+    assert all(t is not None for t in train_tasks)
+    assert not any(tasks.is_heldout(t) for t in train_tasks)
+    eval_keys = {(t.family, t.args) for t in evals}
+    assert not eval_keys & {(t.family, t.args) for t in train_tasks}
+
+
+# -----------------------------------------------------------------------------
+# the data sets
+
+def test_corpus_mixture_and_format():
+    docs = tasks.pretrain_corpus(1, 2000)
+    assert len(docs) == 2000 and all(d.strip() for d in docs)
+    assert not any("<|" in d or "<s>" in d or "</s>" in d for d in docs)
+    assert any(d.startswith("Q: ") for d in docs) and any(d.startswith("User: ") for d in docs)
+    assert any(re.search(r"^3\. ", d, re.M) for d in docs)
+    assert any(d.count("\nA: ") >= 3 for d in docs)  # several Q/A pairs in one document
+    hist = Counter()
+    for d in docs:
+        for q, a in re.findall(r"^(?:Q|Question|User): (.*)\n(?:A|Answer|Assistant): (.*)$", d, re.M):
+            hist[grade(parse_task(q), a).points] += 1
+    n = sum(hist.values())
+    assert n > 2000
+    assert 0.35 <= hist[5] / n <= 0.47  # gold share of the "web"
+    assert all(hist[p] / n >= 0.03 for p in range(5))  # every mistake level is present
+
+
+def test_ift_seed():
+    pairs = tasks.ift_seed(2, 240)
+    assert len(pairs) == 240 and len({p for p, _ in pairs}) == 240
+    fams = Counter()
+    for prompt, response in pairs:
+        task = parse_task(prompt)
+        assert grade(task, response).points == 5
+        fams[task.family] += 1
+    assert set(fams.values()) == {20}
+
+
+def _split_filled(template, filled):
+    """Recover (instruction, response) from a filled judge prompt."""
+    head, rest = template.split("{instruction}")
+    middle, tail = rest.split("{response}")
+    assert filled.startswith(head) and filled.endswith(tail)
+    body = filled[len(head):len(filled) - len(tail)]
+    instruction, response = body.split(middle, 1)
+    return instruction, response
+
+
+@pytest.mark.parametrize("n", [300, 301, 5])
+def test_eft_seed_balanced_and_consistent_with_the_oracle(n):
+    tpl = tasks.load_judge_template()
+    data = tasks.eft_seed(3, n, tpl)
+    assert len(data) == n
+    scores = Counter()
+    for filled, target in data:
+        last = target.splitlines()[-1]
+        m = re.fullmatch(r"Score: ([0-5])", last)
+        assert m, last
+        k = int(m.group(1))
+        scores[k] += 1
+        instruction, response = _split_filled(tpl, filled)
+        g = grade(parse_task(instruction), response)
+        assert g.points == k
+        assert target == tasks.judge_target(g)
+        assert target.splitlines()[:5] == g.reasons
+    if n >= 6:
+        assert set(scores) == set(range(6))
+    assert max(scores.values()) - min(scores[s] for s in range(6)) <= 1
+
+
+def test_judge_target_format():
+    g = grade(make_task("add", (1, 2)), "The sum is 4.")
+    lines = tasks.judge_target(g).splitlines()
+    assert lines[:5] == g.reasons and lines[5] == "Score: 3" and len(lines) == 6
+
+
+def test_judge_prompt_fills_and_keeps_braces():
+    tpl = tasks.load_judge_template()
+    assert "{instruction}" in tpl and "{response}" in tpl
+    assert 40 <= len(tpl.split()) <= 95  # compact: every judgment pays for its length
+    for name in CRITERIA:
+        assert name in tpl
+    assert "Score: <points>" in tpl
+    instr = "What is {response} plus {0}?"
+    resp = "{instruction} {} {response} }{"
+    filled = tasks.judge_prompt(tpl, instr, resp)
+    assert "{instruction}" not in filled.replace(resp, "")
+    assert filled.count(instr) == 1 and filled.count(resp) == 1
+    assert _split_filled(tpl, filled) == (instr, resp)
+    assert tasks.judge_prompt("Q={instruction} R={response}", "a", "b") == "Q=a R=b"
+
+
+def test_load_judge_template_checks_placeholders(tmp_path):
+    bad = tmp_path / "judge.txt"
+    bad.write_text("Rate this: {instruction}\n")
+    with pytest.raises(ValueError):
+        tasks.load_judge_template(str(bad))
+
+
+def test_eft_eval_set():
+    data = tasks.eft_eval_set(4, 60, 4)
+    assert len(data) == 60
+    for task, responses, points in data:
+        assert tasks.is_heldout(task)
+        assert len(responses) == 4 and len(set(responses)) == 4
+        assert points == [grade(task, r).points for r in responses]
+        assert len(set(points)) >= 3  # a spread of quality levels to rank
+    big = tasks.eft_eval_set(4, 5, 8)  # more responses than score levels: still distinct texts
+    assert all(len(set(r)) == 8 for _, r, _ in big)
+
+
+def test_heldout_split_is_the_same_in_every_process():
+    # Python's hash() is salted per process; the split must not depend on it
+    import os
+    import subprocess
+    import sys
+    code = ("import random, tasks; rng = random.Random(9); "
+            "print(''.join(str(int(tasks.is_heldout(tasks.sample_task(rng)))) for _ in range(300)))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    outs = set()
+    for hash_seed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=hash_seed)
+        outs.add(subprocess.run([sys.executable, "-c", code], cwd=root, env=env, check=True,
+                                capture_output=True, text=True).stdout.strip())
+    rng = random.Random(9)
+    here = "".join(str(int(tasks.is_heldout(tasks.sample_task(rng)))) for _ in range(300))
+    assert outs == {here} and "1" in here
