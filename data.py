@@ -35,6 +35,9 @@ class Tokenizer:
 
     def __init__(self, tk, bos_token: str | None, eos_token: str, pad_token: str | None):
         self.tk = tk
+        # user text that happens to contain "<|im_end|>" stays text: special tokens enter a
+        # sequence only by id, from the chat template
+        tk.encode_special_tokens = True
         self.bos_id = tk.token_to_id(bos_token) if bos_token else None
         self.eos_id = tk.token_to_id(eos_token)
         if self.eos_id is None:
@@ -330,9 +333,11 @@ def _hh_turns(transcript: str, where):
 
 
 def _preference(obj, where) -> Preference:
+    # an empty reply is a valid preference (in HH, saying nothing is sometimes the better
+    # answer); a missing or non-string one is not
     if "prompt" in obj:
-        return Preference(_text(obj, "prompt", where).strip(), _text(obj, "chosen", where).strip(),
-                          _text(obj, "rejected", where).strip())
+        return Preference(_text(obj, "prompt", where).strip(), _text(obj, "chosen", where, True).strip(),
+                          _text(obj, "rejected", where, True).strip())
     if "chosen" in obj and "rejected" in obj:
         chosen, rejected = _text(obj, "chosen", where), _text(obj, "rejected", where)
         # the two transcripts share everything up to the final "Assistant:"; a reply may itself
@@ -346,8 +351,6 @@ def _preference(obj, where) -> Preference:
             raise DataError(f"{where}: the shared conversation must end with a Human turn")
         prompt, _ = _flatten_turns(turns + [("assistant", "-")], where)
         c, r = chosen[cut + len(HH_ASSISTANT):].strip(), rejected[cut + len(HH_ASSISTANT):].strip()
-        if not c or not r:
-            raise DataError(f"{where}: empty final assistant reply in chosen or rejected")
         return Preference(prompt, c, r)
     raise DataError(f"{where}: unrecognised format (keys {sorted(obj)})\n{PREFERENCE_FORMATS}")
 

@@ -226,6 +226,10 @@ class Transformer(nn.Module):
         if S > self.config.max_seq_len:
             raise ValueError(f"sequence of {S} tokens exceeds max_seq_len={self.config.max_seq_len}")
         mask = None
+        if attention_mask is None and start > 0 and T > 1:
+            # several new tokens after cached ones: SDPA's is_causal would align the causal
+            # triangle to the top-left corner, so spell the mask out
+            attention_mask = torch.ones((B, S), dtype=torch.long, device=idx.device)
         if attention_mask is not None:
             am = attention_mask.bool()
             if positions is None:
@@ -509,8 +513,12 @@ def config_from_hf(hf: dict) -> ModelConfig:
     arch = (hf.get("architectures") or ["?"])[0]
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"unsupported architecture {arch!r}; tinyalign loads {sorted(SUPPORTED_ARCHITECTURES)}")
-    if hf.get("rope_scaling"):
-        raise ValueError(f"rope_scaling={hf['rope_scaling']!r} is not implemented (plain rotary only)")
+    # transformers < 5 writes rope_theta / rope_scaling at the top level, 5.x nests them in
+    # rope_parameters; a scaled rotary (linear, llama3, yarn...) would load silently wrong
+    rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(f"rope scaling {rope_type!r} is not implemented (plain rotary only)")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise ValueError("Llama attention_bias/mlp_bias (bias on o_proj/MLP) is not implemented")
     if hf.get("use_sliding_window"):
@@ -526,7 +534,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
         hidden_dim=hf["intermediate_size"],
         max_seq_len=hf.get("max_position_embeddings", 2048),
-        rope_theta=hf.get("rope_theta", 10000.0),
+        rope_theta=hf.get("rope_theta") or rope.get("rope_theta", 10000.0),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         qkv_bias=arch == "Qwen2ForCausalLM",
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
