@@ -64,7 +64,9 @@ def sample_responses(model: Transformer, tok: Tokenizer, prompts: list[str], n: 
 
 # "Score: 4", "score - 4.0", "**Score:** 4/5", "SCORE: 3 points" -> the number after the last
 # "score"; 0-5 only. The judge is asked to end with "Score: <points>", so the last match wins.
-SCORE_RE = re.compile(r"score\W{0,6}?(\d+(?:\.\d+)?)(?:\s*/\s*5)?", re.IGNORECASE)
+# The sign and a leading "." are part of the number ("Score: -1" is out of range, not 1), and
+# a score out of anything but 5 ("4/10") is not on our scale.
+SCORE_RE = re.compile(r"\bscore\W{0,6}?(-?(?:\d+(?:\.\d+)?|\.\d+))(?:\s*/\s*(\d+))?", re.IGNORECASE)
 
 
 def parse_score(text: str | None) -> float | None:
@@ -74,7 +76,10 @@ def parse_score(text: str | None) -> float | None:
     matches = SCORE_RE.findall(text)
     if not matches:
         return None
-    value = float(matches[-1])
+    number, out_of = matches[-1]
+    value = float(number)
+    if out_of and out_of != "5":
+        return None
     return value if 0.0 <= value <= 5.0 else None
 
 

@@ -249,7 +249,10 @@ def main(cfg: SFTConfig) -> str:
     else:
         max_len = model.config.max_seq_len
         train_ex = encode_examples(tok, train_pairs, max_len, "train")
-        eval_ex = encode_examples(tok, eval_pairs, max_len, "eval") if eval_pairs else train_ex[:cfg.batch_size]
+        eval_ex = [x for x in (encode_chat(tok, p, r) for p, r in eval_pairs) if len(x[0]) <= max_len]
+        if not eval_ex:
+            print("eval: no held-out example fits the context; the eval loss uses training examples")
+            eval_ex = train_ex[: cfg.batch_size]
         steps_per_epoch = max(1, len(train_ex) // cfg.batch_size)
         n_sup = sum(sum(m) for _, m in train_ex)
         print(f"sft: {len(train_ex)} examples, {n_sup} supervised tokens; {steps_per_epoch} batches per epoch, "
@@ -271,6 +274,14 @@ def main(cfg: SFTConfig) -> str:
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
         print(f"resumed at step {step}")
+        # rows logged after the checkpoint (a crash between saves) are redone: drop them
+        metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+        if os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                rows = [r for r in f if r.strip() and json.loads(r)["step"] <= step]
+            with open(metrics_path + ".tmp", "w") as f:
+                f.writelines(rows)
+            os.replace(metrics_path + ".tmp", metrics_path)
         if step >= cfg.max_steps:
             print(f"nothing to do: the checkpoint is at max_steps={cfg.max_steps}")
             return ckpt_dir
