@@ -10,8 +10,9 @@ its tables:
   head_to_head       win / tie / loss of model A vs model B, per prompt
   reward_modeling    how well a judge's scores rank responses against the oracle's
 
-    python evaluate.py --model runs/m1/model                     # one model, task world
-    python evaluate.py --model runs/m2/model --baseline runs/sft/model
+    python evaluate.py --model runs/default/M1/model                       # task world
+    python evaluate.py --model runs/default/M1/model --baseline runs/default/SFT/model
+    python evaluate.py --model A --baseline B --judge C --data prompts.jsonl  # user data
 """
 
 from __future__ import annotations
@@ -143,6 +144,34 @@ def head_to_head(points_a: list[float], points_b: list[float]) -> dict:
     return {"win": 100 * win / n, "tie": 100 * (n - win - loss) / n, "loss": 100 * loss / n}
 
 
+def judged_head_to_head(judge_model, judge_tok, template: str, prompts: list[str],
+                        responses_a: list, responses_b: list, n_samples: int = 3,
+                        generator=None, max_new_tokens: int = 64, batch_size: int = 64) -> dict:
+    """Head-to-head without an oracle, for user data: a third, frozen checkpoint judges both
+    responses to each prompt with judge_prompt.txt (n_samples each, averaged) and the higher
+    mean wins. The judge prompt is pointwise, so there is no position to swap; instead the
+    pair is judged twice, independently (A then B, then B then A), and a prompt is a win only
+    when both verdicts agree. A disagreement, equal means, or a response with no parsable
+    judgment is a tie: a judge failure is never a win."""
+    n = len(prompts)
+    a_items = [(p, r or "") for p, r in zip(prompts, responses_a)]
+    b_items = [(p, r or "") for p, r in zip(prompts, responses_b)]
+    kw = dict(n_samples=n_samples, generator=generator, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    first = judge(judge_model, judge_tok, template, a_items + b_items, desc="judging (A, B)", **kw)
+    second = judge(judge_model, judge_tok, template, b_items + a_items, desc="judging (B, A)", **kw)
+    win = loss = 0
+    for i in range(n):
+        verdicts = []
+        for a, b in ((first[i].score, first[n + i].score), (second[n + i].score, second[i].score)):
+            verdicts.append(None if a is None or b is None else (a > b) - (a < b))
+        if verdicts == [1, 1]:
+            win += 1
+        elif verdicts == [-1, -1]:
+            loss += 1
+    return {"win": 100 * win / n, "tie": 100 * (n - win - loss) / n, "loss": 100 * loss / n,
+            "parse_failure_rate": 100 * parse_failure_rate(first + second)}
+
+
 # -----------------------------------------------------------------------------
 # Reward modeling (the model as judge, against the oracle's ranking)
 
@@ -262,32 +291,56 @@ def judge_eval(model, tok, template: str, eft_eval, n_samples: int = 3, generato
 
 @dataclass
 class EvalConfig:
-    model: str = "runs/default/m1/model"
+    model: str = "runs/default/M1/model"
     baseline: str = ""  # a second checkpoint for the head-to-head
+    judge: str = ""  # with --data: a third, frozen checkpoint that judges model vs baseline
+    data: str = ""  # a JSONL of prompts (any data.py SFT format; responses ignored). Empty: task world
     world_seed: int = 0
-    n_eval: int = 200  # held-out instruction prompts
+    n_eval: int = 200  # held-out instruction prompts (or the first n of --data)
     n_eft_eval: int = 40  # held-out judge prompts (K responses each)
     k: int = 4
     judge_samples: int = 3
     temperature: float = 0.7
+    max_new_tokens: int = 48
+    judge_max_new_tokens: int = 64
     seed: int = 1337
     device: str = "auto"
 
 
 def main(cfg: EvalConfig):
-    from data import load_tokenizer
+    from data import load_sft_data, load_tokenizer
 
     device = get_device(cfg.device)
-    eval_tasks = tasks.eval_prompts(cfg.world_seed + 3, cfg.n_eval)
+
+    def load(path):
+        return Transformer.from_pretrained(path).to(device).eval(), load_tokenizer(path)
+
     template = tasks.load_judge_template()
+    gen = torch.Generator(device).manual_seed(cfg.seed)
+    if cfg.data:  # user data: no oracle, a frozen judge decides
+        if not (cfg.baseline and cfg.judge):
+            raise SystemExit("--data needs --baseline and --judge (a frozen checkpoint that judges)")
+        prompts = [e.prompt for e in load_sft_data(cfg.data)][: cfg.n_eval]
+        responses = []
+        for path in (cfg.model, cfg.baseline):
+            model, tok = load(path)
+            responses.append([r[0] for r in sample_responses(model, tok, prompts, 1, cfg.temperature, 0.9,
+                                                             cfg.max_new_tokens, generator=gen)])
+        judge_model, judge_tok = load(cfg.judge)
+        h = judged_head_to_head(judge_model, judge_tok, template, prompts, *responses, cfg.judge_samples,
+                                gen, cfg.judge_max_new_tokens)
+        print(f"{cfg.model} vs {cfg.baseline}, judged by {cfg.judge} on {len(prompts)} prompts: "
+              f"win {h['win']:.1f} / tie {h['tie']:.1f} / loss {h['loss']:.1f} "
+              f"(judge parse failures {h['parse_failure_rate']:.1f}%)")
+        return
+    eval_tasks = tasks.eval_prompts(cfg.world_seed + 3, cfg.n_eval)
     eft_eval = tasks.eft_eval_set(cfg.world_seed + 4, cfg.n_eft_eval, cfg.k)
     results = {}
     for name in filter(None, [cfg.model, cfg.baseline]):
-        model, tok = Transformer.from_pretrained(name).to(device).eval(), load_tokenizer(name)
-        gen = torch.Generator(device).manual_seed(cfg.seed)
-        r = instruction_following(model, tok, eval_tasks, cfg.temperature, gen)
-        g = instruction_following(model, tok, eval_tasks, 0.0)
-        rm = judge_eval(model, tok, template, eft_eval, cfg.judge_samples, gen)
+        model, tok = load(name)
+        r = instruction_following(model, tok, eval_tasks, cfg.temperature, gen, cfg.max_new_tokens)
+        g = instruction_following(model, tok, eval_tasks, 0.0, None, cfg.max_new_tokens)
+        rm = judge_eval(model, tok, template, eft_eval, cfg.judge_samples, gen, cfg.judge_max_new_tokens)
         results[name] = r
         print(f"{name}: oracle mean {r['oracle_mean']:.2f} exact {100 * r['exact_correct']:.1f}% (T={cfg.temperature}); "
               f"greedy {g['oracle_mean']:.2f} / {100 * g['exact_correct']:.1f}%")

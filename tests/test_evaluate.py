@@ -340,3 +340,27 @@ def test_sample_responses_skips_prompts_that_do_not_fit(tiny, capsys):
     again = evaluate.sample_responses(model, tok, prompts, n=3, temperature=0.7, max_new_tokens=max_new,
                                       generator=torch.Generator().manual_seed(0))
     assert again == out
+
+
+def test_judged_head_to_head_needs_both_judgings_to_agree(monkeypatch):
+    """A frozen judge's head-to-head: a win needs both independent judgings to prefer A;
+    a disagreement, equal means or an unparsable judgment is a tie, never a win."""
+    prompts = ["p0", "p1", "p2", "p3", "p4"]
+    a = ["a0", "a1", "a2", "a3", "a4"]
+    b = ["b0", "b1", "b2", "b3", "b4"]
+    # score each (prompt, response) gets in the first and in the second judging
+    first = {"a0": 5, "b0": 1, "a1": 1, "b1": 4, "a2": 4, "b2": 2, "a3": 3, "b3": 3, "a4": 5, "b4": None}
+    second = {"a0": 4, "b0": 2, "a1": 2, "b1": 5, "a2": 1, "b2": 3, "a3": 3, "b3": 3, "a4": 5, "b4": 0}
+    calls = []
+
+    def fake_judge(model, tok, template, items, n_samples=3, **kw):
+        table = first if not calls else second
+        calls.append([r for _, r in items])
+        return [evaluate.Judgment(table[r], [table[r]], ["..."]) for _, r in items]
+
+    monkeypatch.setattr(evaluate, "judge", fake_judge)
+    h = evaluate.judged_head_to_head(None, None, "t", prompts, a, b)
+    # p0: A wins twice -> win; p1: B twice -> loss; p2: A then B -> tie; p3: equal -> tie;
+    # p4: B unparsable in the first judging -> tie
+    assert (h["win"], h["tie"], h["loss"]) == (20.0, 60.0, 20.0)
+    assert calls[0] == a + b and calls[1] == b + a  # the second judging sees B's responses first
