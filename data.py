@@ -178,13 +178,9 @@ def show_supervision(tok: Tokenizer, ids, loss_mask) -> str:
 
 
 def encode_documents(tok: Tokenizer, docs) -> torch.Tensor:
-    """Pretraining stream, all documents concatenated. (N,) long. A document is a string
-    (preceded by BOS) or a (prompt, response) pair rendered with the chat template."""
+    """Pretraining stream: every document preceded by BOS, all concatenated. (N,) long."""
     ids = []
     for d in docs:
-        if isinstance(d, tuple):
-            ids.extend(encode_chat(tok, *d)[0])
-            continue
         if tok.bos_id is not None:
             ids.append(tok.bos_id)
         ids.extend(tok.encode(d))

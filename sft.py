@@ -50,7 +50,7 @@ class SFTConfig:
     ift: int = 400  # sft: instruction-following demonstrations
     eft: int = 400  # sft: judge demonstrations (0 for the SFT baseline)
     # model shape when pretraining from scratch
-    vocab_size: int = 640
+    vocab_size: int = 1024
     dim: int = 128
     n_layers: int = 4
     n_heads: int = 4
@@ -82,18 +82,10 @@ class SFTConfig:
 # Data
 
 
-def world_corpus(cfg: SFTConfig) -> tuple[list, list]:
-    """The world's noisy "web". Its chat logs are rendered with the chat template, one
-    (prompt, response) exchange per turn, so M0 has seen the format it will be prompted in; its
-    answers there still come from the corpus's noisy mixture, mistakes included."""
-    docs = []
-    for d in tasks.pretrain_corpus(cfg.world_seed, cfg.corpus_docs):
-        if not d.startswith("User: "):
-            docs.append(d)
-            continue
-        for turn in d[len("User: "):].split("\nUser: "):  # "User: q\nAssistant: a\nUser: ..."
-            prompt, _, reply = turn.partition("\nAssistant: ")
-            docs.append((prompt, reply))
+def world_corpus(cfg: SFTConfig) -> tuple[list[str], list[str]]:
+    """The world's noisy "web" as plain text. It never shows the chat template: as with a real
+    base model, M0 meets <|im_start|>/<|im_end|> first in SFT, which teaches the format."""
+    docs = tasks.pretrain_corpus(cfg.world_seed, cfg.corpus_docs)
     n_eval = max(1, int(len(docs) * cfg.eval_frac))
     return docs[n_eval:], docs[:n_eval]
 
@@ -227,7 +219,7 @@ def main(cfg: SFTConfig) -> str:
     else:
         if cfg.mode != "pretrain":
             raise ValueError("sft needs --init (a pretrained checkpoint directory)")
-        texts = [d if isinstance(d, str) else d[0] + "\n" + d[1] for d in train_docs]
+        texts = list(train_docs)
         if not cfg.data:
             # the judge's words (rubric, reason lines) must get tokens of their own, or a
             # judge prompt and its answer do not fit the context

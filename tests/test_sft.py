@@ -390,26 +390,10 @@ def test_checkpoint_layout_and_loading(m0, sft_data, tok, tmp_path):
 # The world corpus
 
 
-def test_world_corpus_renders_chat_logs_as_pairs():
-    """world_corpus: chat logs become one (prompt, response) tuple per turn, in order; other docs stay strings; eval split first."""
+def test_world_corpus_is_plain_text_with_the_eval_split_first():
+    """world_corpus: the world's documents unchanged (no chat template, no special tokens), the first eval_frac held out."""
     cfg = sft.SFTConfig(corpus_docs=60, eval_frac=0.1, world_seed=3)
     train, evals = sft.world_corpus(cfg)
-    expected = []
-    n_chat = 0
-    for d in tasks.pretrain_corpus(cfg.world_seed, cfg.corpus_docs):
-        if not d.startswith("User: "):
-            expected.append(d)
-            continue
-        n_chat += 1
-        lines = d.split("\n")
-        assert len(lines) % 2 == 0
-        for u, a in zip(lines[0::2], lines[1::2]):
-            assert u.startswith("User: ") and a.startswith("Assistant: ")
-            expected.append((u[len("User: "):], a[len("Assistant: "):]))
-    assert n_chat > 0 and any(isinstance(d, str) for d in expected)
-    assert evals + train == expected
-    assert len(evals) == max(1, int(len(expected) * cfg.eval_frac))
-    for d in train + evals:
-        assert isinstance(d, str) or (isinstance(d, tuple) and len(d) == 2 and all(isinstance(x, str) for x in d))
-        if isinstance(d, str):
-            assert not d.startswith("User: ")
+    docs = tasks.pretrain_corpus(cfg.world_seed, cfg.corpus_docs)
+    assert evals + train == docs and len(evals) == 6
+    assert not any("<|" in d for d in docs)
