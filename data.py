@@ -365,6 +365,14 @@ def load_preference_data(path: str) -> list[Preference]:
     return [_preference(obj, f"{path}:{n}") for n, obj in read_jsonl(path)]
 
 
+def write_json(path: str, obj):
+    """Write one JSON object atomically (temp file, then rename)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
 def write_jsonl(path: str, rows):
     """Write dicts as JSONL atomically (temp file, then rename)."""
     tmp = path + ".tmp"

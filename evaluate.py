@@ -1,7 +1,7 @@
 """Evaluation: sampling responses, the model as a judge, the oracle, and the papers' metrics.
 
-One implementation of each measurement, used by sft.py's report, self_reward.py's loop and
-its tables:
+One implementation of each measurement, used by self_reward.py's loop and its tables and by
+this file's command line:
 
   sample_responses   prompts -> N responses each (one batched KV-cache call per batch)
   parse_score        judge text -> score in [0, 5], or None (never a made-up score)
@@ -67,7 +67,9 @@ def sample_responses(model: Transformer, tok: Tokenizer, prompts: list[str], n: 
 # "score"; 0-5 only. The judge is asked to end with "Score: <points>", so the last match wins.
 # The sign and a leading "." are part of the number ("Score: -1" is out of range, not 1), and
 # a score out of anything but 5 ("4/10") is not on our scale.
-SCORE_RE = re.compile(r"\bscore\W{0,6}?(-?(?:\d+(?:\.\d+)?|\.\d+))(?:\s*/\s*(\d+))?", re.IGNORECASE)
+# A stated range ("Score (0-5): 4") is skipped, never read as the score.
+SCORE_RE = re.compile(r"\bscore(?:\s*[(\[]\s*\d\s*[-–]\s*\d\s*[)\]])?[\s:*_=\-–]{0,6}?"
+                      r"(-?(?:\d+(?:\.\d+)?|\.\d+))(?!\s*[-–]\s*\d)(?:\s*/\s*(\d+))?", re.IGNORECASE)
 
 
 def parse_score(text: str | None) -> float | None:
@@ -119,11 +121,11 @@ def parse_failure_rate(judgments: list[Judgment]) -> float:
 
 
 def instruction_following(model, tok, eval_tasks: list, temperature: float = 0.7, generator=None,
-                          max_new_tokens: int = 48, batch_size: int = 64) -> dict:
+                          max_new_tokens: int = 48, batch_size: int = 64, top_p: float = 0.9) -> dict:
     """Oracle grades of one response per held-out task. temperature 0 = greedy.
     exact-correct = the answer is right (criterion 4 met), whatever the wording."""
     responses = [r[0] for r in sample_responses(model, tok, [t.prompt for t in eval_tasks], 1,
-                                                temperature, 0.9 if temperature > 0 else 1.0,
+                                                temperature, top_p if temperature > 0 else 1.0,
                                                 max_new_tokens, batch_size, generator, "instruction following")]
     points = [tasks.grade(t, r).points if r is not None else 0 for t, r in zip(eval_tasks, responses)]
     return {
@@ -149,18 +151,21 @@ def judged_head_to_head(judge_model, judge_tok, template: str, prompts: list[str
                         generator=None, max_new_tokens: int = 64, batch_size: int = 64) -> dict:
     """Head-to-head without an oracle, for user data: a third, frozen checkpoint judges both
     responses to each prompt with judge_prompt.txt (n_samples each, averaged) and the higher
-    mean wins. The judge prompt is pointwise, so there is no position to swap; instead the
-    pair is judged twice, independently (A then B, then B then A), and a prompt is a win only
-    when both verdicts agree. A disagreement, equal means, or a response with no parsable
-    judgment is a tie: a judge failure is never a win."""
+    mean wins. The judge prompt is pointwise (one response per prompt), so there is no
+    position to swap; the "both orders" rule becomes: the pair is judged twice, independently,
+    and a prompt is a win only when both verdicts agree. A disagreement, equal means, a
+    response with no parsable judgment, or a missing response (its prompt did not fit) is a
+    tie: a judge failure is never a win."""
     n = len(prompts)
-    a_items = [(p, r or "") for p, r in zip(prompts, responses_a)]
-    b_items = [(p, r or "") for p, r in zip(prompts, responses_b)]
+    a_items = [(p, r if r is not None else "") for p, r in zip(prompts, responses_a)]
+    b_items = [(p, r if r is not None else "") for p, r in zip(prompts, responses_b)]
     kw = dict(n_samples=n_samples, generator=generator, max_new_tokens=max_new_tokens, batch_size=batch_size)
     first = judge(judge_model, judge_tok, template, a_items + b_items, desc="judging (A, B)", **kw)
     second = judge(judge_model, judge_tok, template, b_items + a_items, desc="judging (B, A)", **kw)
     win = loss = 0
     for i in range(n):
+        if responses_a[i] is None or responses_b[i] is None:
+            continue  # nothing to compare: a tie
         verdicts = []
         for a, b in ((first[i].score, first[n + i].score), (second[n + i].score, second[i].score)):
             verdicts.append(None if a is None or b is None else (a > b) - (a < b))
@@ -272,12 +277,13 @@ def reward_modeling(judge_scores: list[list[float | None]], oracle_scores: list[
 
 
 def judge_eval(model, tok, template: str, eft_eval, n_samples: int = 3, generator=None,
-               max_new_tokens: int = 64, batch_size: int = 64) -> dict:
+               max_new_tokens: int = 64, batch_size: int = 64, temperature: float = 0.7,
+               top_p: float = 0.9) -> dict:
     """Reward-modeling metrics of `model` as a judge on the EFT evaluation set
     [(task, K responses, K oracle points)], each response judged n_samples times."""
     items = [(t.prompt, r) for t, rs, _ in eft_eval for r in rs]
-    js = judge(model, tok, template, items, n_samples, generator=generator,
-               max_new_tokens=max_new_tokens, batch_size=batch_size, desc="judge eval")
+    js = judge(model, tok, template, items, n_samples, temperature, top_p, max_new_tokens, batch_size,
+               generator, desc="judge eval")
     k = len(eft_eval[0][1])
     scores = [[j.score for j in js[i * k : (i + 1) * k]] for i in range(len(eft_eval))]
     out = reward_modeling(scores, [pts for _, _, pts in eft_eval])

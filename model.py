@@ -361,7 +361,8 @@ class Generation:
     sequences (B, T0+N): prompt (left-padded) + response; attention_mask (B, T0+N) marks real
     tokens of both; tokens (B, N): the response alone, padded with pad_id after EOS;
     logprobs (B, N): log-prob of each sampled token under softmax(logits / temperature)
-    (no top-k/top-p renormalisation: the policy's own distribution, as PPO needs), 0 on padding;
+    (no top-k/top-p renormalisation: the policy's own distribution, as PPO needs; greedy
+    decoding reports them at temperature 1), 0 on padding;
     response_mask (B, N): 1 on response tokens, EOS included; finished (B,): True where the
     row emitted EOS (a row without EOS was cut by max_new_tokens: PPO penalises it)."""
 
@@ -392,6 +393,8 @@ def generate(
     with its attention_mask. temperature 0 means greedy. Each row stops at its first EOS;
     the loop stops when all rows have stopped or after max_new_tokens.
     `generator` (a torch.Generator on the model's device) makes sampling repeatable."""
+    if pad_id == eos_id:
+        raise ValueError("pad_id must differ from eos_id: padding would read as end of sequence")
     device = model.embed_tokens.weight.device
     if isinstance(prompts, torch.Tensor):
         ids = prompts.to(device)
@@ -433,7 +436,7 @@ def generate(
             scaled = logits / temperature
             probs = filter_logits(scaled, top_k, top_p).softmax(-1)
             next_tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        logp = torch.gather(scaled.log_softmax(-1), -1, next_tok[:, None]).squeeze(-1)
+        logp = token_logprobs(scaled[:, None], next_tok[:, None])[:, 0]  # greedy: at T = 1
         alive = ~finished
         tokens[:, t] = torch.where(alive, next_tok, torch.full_like(next_tok, pad_id))
         logprobs[:, t] = torch.where(alive, logp, torch.zeros_like(logp))
@@ -521,8 +524,9 @@ def config_from_hf(hf: dict) -> ModelConfig:
         raise ValueError(f"rope scaling {rope_type!r} is not implemented (plain rotary only)")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise ValueError("Llama attention_bias/mlp_bias (bias on o_proj/MLP) is not implemented")
-    if hf.get("use_sliding_window"):
-        raise ValueError("sliding-window attention is not implemented")
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+    if window and window < hf.get("max_position_embeddings", 0):
+        raise ValueError(f"sliding-window attention (window {window}) is not implemented")
     n_heads = hf["num_attention_heads"]
     eos = hf.get("eos_token_id")
     return ModelConfig(
@@ -558,7 +562,12 @@ def _commit_dir(tmp: str, path: str):
     if os.path.exists(path):
         old = tmp + ".old"
         os.rename(path, old)
-    os.rename(tmp, path)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        if old:
+            os.rename(old, path)  # put the previous checkpoint back
+        raise
     if old:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -18,10 +18,11 @@ That iteration needs dpo.py, which has not landed; this script stops after M1 an
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ import torch
 import evaluate
 import sft
 import tasks
-from data import load_tokenizer, write_jsonl
+from data import load_tokenizer, write_json, write_jsonl
 from model import Transformer, get_device, parse_config
 
 
@@ -43,7 +44,7 @@ class Config:
     device: str = "auto"
     compile: bool = False
     # model (M0 from scratch)
-    vocab_size: int = 640
+    vocab_size: int = 1024
     dim: int = 128
     n_layers: int = 4
     n_heads: int = 4
@@ -51,14 +52,14 @@ class Config:
     max_seq_len: int = 256
     # M0: pretraining
     corpus_docs: int = 20000
-    pretrain_steps: int = 1200
+    pretrain_steps: int = 1500
     pretrain_batch_size: int = 32
     pretrain_seq_len: int = 128
     pretrain_lr: float = 2e-3
     # M1 / SFT baseline
-    ift: int = 300  # IFT seed size (the paper: 3,200 Open Assistant examples)
-    eft: int = 600  # EFT train size (the paper: 1,775)
-    sft_steps: int = 300
+    ift: int = 400  # IFT seed size (the paper: 3,200 Open Assistant examples)
+    eft: int = 800  # EFT train size (the paper: 1,775)
+    sft_epochs: float = 8.0  # passes over the SFT data: the baseline and M1 see each IFT example equally often
     sft_batch_size: int = 32
     sft_lr: float = 5e-4
     dropout: float = 0.1
@@ -78,7 +79,7 @@ PRESETS = {
     "cpu": {},  # the dataclass defaults: the whole run in minutes on 2 cores
     "gpu": dict(vocab_size=1024, dim=384, n_layers=8, n_heads=6, n_kv_heads=2, max_seq_len=384,
                 corpus_docs=200000, pretrain_steps=6000, pretrain_batch_size=64, pretrain_seq_len=256,
-                pretrain_lr=1e-3, ift=1000, eft=1800, sft_steps=1500, sft_batch_size=32, sft_lr=2e-4,
+                pretrain_lr=1e-3, ift=2000, eft=1800, sft_epochs=5.0, sft_batch_size=32, sft_lr=2e-4,
                 n_eval=1000, n_eft_eval=300, eval_batch_size=256),
 }
 
@@ -91,14 +92,14 @@ def stage(cfg: Config, name: str, **overrides) -> str:
         print(f"[{name}] found {ckpt}, reusing it")
         return ckpt
     common = dict(out_dir=out_dir, seed=cfg.seed, world_seed=cfg.world_seed, device=cfg.device,
-                  compile=cfg.compile, dropout=cfg.dropout, max_seq_len=cfg.max_seq_len)
+                  compile=cfg.compile, dropout=cfg.dropout, max_seq_len=cfg.max_seq_len)  # overrides win
     scfg = sft.SFTConfig(**{**common, **overrides})
-    print(f"[{name}] python sft.py " + " ".join(
-        f"--{k} {v}" for k, v in dataclasses.asdict(scfg).items() if v != getattr(sft.SFTConfig(), k)))
+    flags = [(f"--{k}" if v else f"--no-{k}") if isinstance(v, bool) else f"--{k} {v}"
+             for k, v in dataclasses.asdict(scfg).items() if v != getattr(sft.SFTConfig(), k)]
+    print(f"[{name}] python sft.py " + " ".join(flags))  # the same stage, run by hand
     t0 = time.time()
     path = sft.main(scfg)
-    with open(os.path.join(out_dir, "time.json"), "w") as f:
-        json.dump({"seconds": time.time() - t0}, f)
+    write_json(os.path.join(out_dir, "time.json"), {"seconds": time.time() - t0})
     return path
 
 
@@ -113,20 +114,20 @@ def evaluate_model(cfg: Config, name: str, path: str, eval_tasks, eft_eval, temp
     gen = torch.Generator(device).manual_seed(cfg.seed)
     t0 = time.time()
     sampled = evaluate.instruction_following(model, tok, eval_tasks, cfg.temperature, gen,
-                                             cfg.max_new_tokens, cfg.eval_batch_size)
+                                             cfg.max_new_tokens, cfg.eval_batch_size, cfg.top_p)
     greedy = evaluate.instruction_following(model, tok, eval_tasks, 0.0, None, cfg.max_new_tokens,
                                             cfg.eval_batch_size)
     result = {"sampled": sampled, "greedy": greedy}
     if judge_too:
         result["judge"] = evaluate.judge_eval(model, tok, template, eft_eval, cfg.judge_samples, gen,
-                                              cfg.judge_max_new_tokens, cfg.eval_batch_size)
+                                              cfg.judge_max_new_tokens, cfg.eval_batch_size,
+                                              cfg.temperature, cfg.top_p)
     result["seconds"] = time.time() - t0
     write_jsonl(os.path.join(cfg.run_dir, name, "eval_responses.jsonl"), [
         {"prompt": t.prompt, "response": r, "points": p, "greedy": gr, "greedy_points": gp}
         for t, r, p, gr, gp in zip(eval_tasks, sampled["responses"], sampled["points"],
                                    greedy["responses"], greedy["points"])])
-    with open(out_path, "w") as f:
-        json.dump(result, f)
+    write_json(out_path, result)
     return result
 
 
@@ -174,20 +175,32 @@ def report(cfg: Config, results: dict, times: dict) -> str:
 def main(cfg: Config):
     t_start = time.time()
     os.makedirs(cfg.run_dir, exist_ok=True)
-    with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    # finished stages are reused, so a run_dir must hold one configuration only
+    cfg_path = os.path.join(cfg.run_dir, "config.json")
+    if os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            old = json.load(f)
+        changed = {k: (old.get(k), v) for k, v in dataclasses.asdict(cfg).items()
+                   if k not in ("device", "compile") and old.get(k) != v}
+        if changed:
+            raise SystemExit(f"{cfg.run_dir} holds a run with other settings {changed} (old, new); "
+                             "resume it with the same flags or choose another --run_dir")
+    write_json(cfg_path, dataclasses.asdict(cfg))
     model_shape = dict(vocab_size=cfg.vocab_size, dim=cfg.dim, n_layers=cfg.n_layers,
                        n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads)
 
     m0 = stage(cfg, "M0", mode="pretrain", corpus_docs=cfg.corpus_docs, max_steps=cfg.pretrain_steps,
                batch_size=cfg.pretrain_batch_size, seq_len=cfg.pretrain_seq_len, lr=cfg.pretrain_lr,
                min_lr=cfg.pretrain_lr / 10, warmup_steps=min(100, cfg.pretrain_steps // 10),
-               eval_every=max(1, cfg.pretrain_steps // 4), **model_shape)
-    sft_common = dict(mode="sft", init=m0, ift=cfg.ift, max_steps=cfg.sft_steps, batch_size=cfg.sft_batch_size,
-                      lr=cfg.sft_lr, min_lr=cfg.sft_lr / 5, warmup_steps=min(30, cfg.sft_steps // 10),
-                      eval_every=max(1, cfg.sft_steps // 3))
-    baseline = stage(cfg, "SFT", eft=0, show_example=False, **sft_common)
-    m1 = stage(cfg, "M1", eft=cfg.eft, **sft_common)
+               eval_every=max(1, cfg.pretrain_steps // 4), **{**model_shape, "dropout": 0.0})
+    def sft_stage(name, eft, **kw):
+        steps = max(1, math.ceil(cfg.sft_epochs * (cfg.ift + eft) / cfg.sft_batch_size))
+        return stage(cfg, name, mode="sft", init=m0, ift=cfg.ift, eft=eft, max_steps=steps,
+                     batch_size=cfg.sft_batch_size, lr=cfg.sft_lr, min_lr=cfg.sft_lr / 5,
+                     warmup_steps=max(1, steps // 10), eval_every=max(1, steps // 3), **kw)
+
+    baseline = sft_stage("SFT", 0, show_example=False)  # IFT alone
+    m1 = sft_stage("M1", cfg.eft)  # IFT + EFT
 
     eval_tasks = tasks.eval_prompts(cfg.world_seed + 3, cfg.n_eval)
     eft_eval = tasks.eft_eval_set(cfg.world_seed + 4, cfg.n_eft_eval, cfg.k)
@@ -199,18 +212,18 @@ def main(cfg: Config):
         tf = os.path.join(cfg.run_dir, name, "time.json")
         times[name] = json.load(open(tf))["seconds"] if os.path.exists(tf) else 0.0
     text = report(cfg, results, times)
-    with open(os.path.join(cfg.run_dir, "report.md"), "w") as f:
+    tmp = os.path.join(cfg.run_dir, "report.md.tmp")
+    with open(tmp, "w") as f:
         f.write(text)
+    os.replace(tmp, os.path.join(cfg.run_dir, "report.md"))
     print("\n" + text)
     print(f"total {time.time() - t_start:.0f} s; report in {os.path.join(cfg.run_dir, 'report.md')}")
 
 
 if __name__ == "__main__":
     # the preset chooses the defaults; flags given on the command line override them
-    preset = "cpu"
-    if "--preset" in sys.argv:
-        preset = sys.argv[sys.argv.index("--preset") + 1]
-    if preset not in PRESETS:
-        sys.exit(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+    preset = pre.parse_known_args()[0].preset
     defaults = dataclasses.replace(Config(), preset=preset, **PRESETS[preset])
     main(parse_config(Config, __doc__, defaults))

@@ -45,6 +45,8 @@ def _one_thread():
     ("+1 relevant: ok\n+0 correct: wrong\nScore: 1", 1.0),
     ("Score: 1 ... then I reconsidered. Score: 4", 4.0),  # the last match wins
     ("Score: 5\nOn reflection, final Score: 0", 0.0),
+    ("Score (0-5): 4", 4.0),  # the stated range is not the score
+    ("Score [1-5]: 3", 3.0),
 ])
 def test_parse_score_reads_the_last_score(text, expected):
     """parse_score reads the number after the last 'score' (case-insensitive, markdown, '/5' tolerated)."""
@@ -364,3 +366,13 @@ def test_judged_head_to_head_needs_both_judgings_to_agree(monkeypatch):
     # p4: B unparsable in the first judging -> tie
     assert (h["win"], h["tie"], h["loss"]) == (20.0, 60.0, 20.0)
     assert calls[0] == a + b and calls[1] == b + a  # the second judging sees B's responses first
+
+
+def test_judged_head_to_head_missing_response_is_a_tie_not_judged(monkeypatch):
+    """A response that does not exist (its prompt did not fit) is never judged and never wins."""
+    def fake_judge(model, tok, template, items, n_samples=3, **kw):
+        return [evaluate.Judgment(5.0 if r == "a" else 0.0, [5.0], ["..."]) for _, r in items]
+
+    monkeypatch.setattr(evaluate, "judge", fake_judge)
+    h = evaluate.judged_head_to_head(None, None, "t", ["p0", "p1"], ["a", None], ["b", "b"])
+    assert (h["win"], h["tie"], h["loss"]) == (50.0, 50.0, 0.0)
