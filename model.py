@@ -25,7 +25,7 @@ import os
 import shutil
 import tempfile
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn

@@ -21,13 +21,6 @@ from evaluate import head_to_head, kendall_tau, parse_failure_rate, parse_score,
 from model import ModelConfig, Transformer, generate
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread; on a shared, oversubscribed CPU two threads spin."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 # -----------------------------------------------------------------------------
 # parse_score

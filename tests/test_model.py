@@ -78,13 +78,10 @@ def rand_prompts(lengths, seed=0, low=3):
 
 
 @pytest.fixture(autouse=True)
-def _no_grad_single_thread():
-    """Tiny models run fastest on one thread, and no test here needs autograd."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _no_grad():
+    """No test here needs autograd (conftest.py sets one thread)."""
     with torch.no_grad():
         yield
-    torch.set_num_threads(threads)
 
 
 def positions_from_mask(mask):

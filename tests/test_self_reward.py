@@ -3,8 +3,6 @@
 import json
 import os
 
-import pytest
-import torch
 
 import self_reward
 
@@ -14,12 +12,6 @@ TINY = dict(vocab_size=400, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, max_seq
             judge_samples=2, max_new_tokens=8, judge_max_new_tokens=8, eval_batch_size=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # toy models: threads cost more than they give
-    yield
-    torch.set_num_threads(n)
 
 
 def test_run_writes_every_stage_and_the_report_then_resumes(tmp_path, capsys):

@@ -22,13 +22,6 @@ from model import ModelConfig, Transformer
 VOCAB = 300
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread; on a shared, oversubscribed CPU two threads spin."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # -----------------------------------------------------------------------------
