@@ -235,11 +235,12 @@ def reward_modeling(judge_scores: list[list[float | None]], oracle_scores: list[
 
     pairwise accuracy: over response pairs with different oracle scores, the share the judge
         orders the same way (a judge tie or a None counts as wrong).
-    5-best: over responses the judge scores 5 (mean >= 4.5), the share that are their prompt's
-        best by the oracle.
+    5-best: over responses the judge scores 5 (every parsable sample said 5), the share that
+        are their prompt's best by the oracle.
     exact match: prompts whose judge ranking (with ties) equals the oracle's exactly.
-    Spearman, Kendall tau: per prompt, averaged over prompts where both are defined (neither
-        side constant). None scores are left out of these."""
+    Spearman, Kendall tau: per prompt, averaged over prompts whose oracle scores differ. A
+        judge that scores them all alike gets 0 there (it ranks nothing), not a pass. None
+        scores are left out of these."""
     pairs = correct = five = five_best = exact = 0
     rhos, taus = [], []
     for js, os_ in zip(judge_scores, oracle_scores):
@@ -252,7 +253,7 @@ def reward_modeling(judge_scores: list[list[float | None]], oracle_scores: list[
                     correct += 1
         best = max(os_)
         for j, o in zip(js, os_):
-            if j is not None and j >= 4.5:
+            if j is not None and j == 5.0:
                 five += 1
                 five_best += o == best
         valid = [(j, o) for j, o in zip(js, os_) if j is not None]
@@ -260,11 +261,9 @@ def reward_modeling(judge_scores: list[list[float | None]], oracle_scores: list[
             exact += 1
         if len(valid) >= 2:
             jx, ox = [v[0] for v in valid], [float(v[1]) for v in valid]
-            rho, tau = spearman(jx, ox), kendall_tau(jx, ox)
-            if rho is not None:
-                rhos.append(rho)
-            if tau is not None:
-                taus.append(tau)
+            if len(set(ox)) > 1:  # with equal oracle scores there is no ranking to match
+                rhos.append(spearman(jx, ox) or 0.0)  # None here means a constant judge
+                taus.append(kendall_tau(jx, ox) or 0.0)
     return {
         "pairwise_accuracy": 100 * correct / max(1, pairs),
         "five_best": 100 * five_best / five if five else float("nan"),

@@ -135,8 +135,8 @@ def test_reward_modeling_hand_computed():
     #   p3: (0,1) None, (0,2) judge 4<5 vs oracle 5>0, (1,2) None                 -> 0/3
     #   p4: (0,1), (0,2) right; (1,2) oracle tie skipped                          -> 2/2
     #   total 8 / 13
-    # 5-best (judge >= 4.5): p1 r0 (4.5; 13/3 is not) oracle 5 = best; p2 r0 oracle 4 = best (4);
-    #   p3 r2 oracle 0 != 5  -> 2 / 3
+    # 5-best (judge == 5, every sample a 5): p1 has none (4.5 is not 5); p2 r0 oracle 4 = best (4);
+    #   p3 r2 oracle 0 != 5  -> 1 / 2
     # exact match: p1 ranks [4,3,1,2] vs [4,3,2,1] no; p2 [3,1.5,1.5] vs [2.5,2.5,1] no;
     #   p3 has a None; p4 [3,1.5,1.5] vs [3,1.5,1.5] yes -> 1 / 4
     # Spearman: p1 1 - 6*2/(4*15) = 0.8; p2 0.75/1.5 = 0.5; p3 (None dropped) [4,5] vs [5,0] = -1;
@@ -145,8 +145,8 @@ def test_reward_modeling_hand_computed():
     r = reward_modeling(JUDGE, ORACLE)
     assert r["n_pairs"] == 13
     assert r["pairwise_accuracy"] == pytest.approx(100 * 8 / 13)
-    assert r["n_judged_five"] == 3
-    assert r["five_best"] == pytest.approx(100 * 2 / 3)
+    assert r["n_judged_five"] == 2
+    assert r["five_best"] == pytest.approx(50.0)
     assert r["exact_match"] == pytest.approx(25.0)
     assert r["spearman"] == pytest.approx(1.3 / 4)
     assert r["kendall_tau"] == pytest.approx(7 / 24)
@@ -158,11 +158,14 @@ def test_reward_modeling_perfect_and_reversed_judges():
     r = reward_modeling(perfect, ORACLE)
     assert r["pairwise_accuracy"] == 100 and r["exact_match"] == 100
     assert r["spearman"] == pytest.approx(1) and r["kendall_tau"] == pytest.approx(1)
-    assert r["five_best"] == 100  # every response judged >= 4.5 is its prompt's best
+    assert r["five_best"] == 100  # every response judged 5 is its prompt's best
     reverse = [[5.0 - o for o in os_] for os_ in ORACLE]
     r = reward_modeling(reverse, ORACLE)
     assert r["pairwise_accuracy"] == 0 and r["exact_match"] == 0
     assert r["spearman"] == pytest.approx(-1) and r["kendall_tau"] == pytest.approx(-1)
+    # a judge that scores every response alike ranks nothing: correlation 0, not left out
+    r = reward_modeling([[5.0] * len(os_) for os_ in ORACLE], ORACLE)
+    assert r["spearman"] == 0 and r["kendall_tau"] == 0 and r["pairwise_accuracy"] == 0
     # a judge that never parses gets no credit anywhere
     r = reward_modeling([[None] * len(os_) for os_ in ORACLE], ORACLE)
     assert r["pairwise_accuracy"] == 0 and r["exact_match"] == 0 and r["n_judged_five"] == 0
