@@ -167,7 +167,7 @@ def report(cfg: Config, results: dict, times: dict) -> str:
               "| paper: M1 (70B) | 78.7 | 41.5 | 13.1 | .279 | .253 | |", "",
               "## Time (seconds)", "", "| stage | train | eval |", "|---|---|---|"]
     for n in names:
-        lines.append(f"| {n} | {times.get(n, 0):.0f} | {results[n]['seconds']:.0f} |")
+        lines.append(f"| {n} | {times.get(n, 0.0):.0f} | {results[n]['seconds']:.0f} |")
     lines += ["", "M2 and M3 (DPO on self-judged pairs) are not implemented yet: dpo.py has not landed.", ""]
     return "\n".join(lines)
 
@@ -193,6 +193,7 @@ def main(cfg: Config):
                batch_size=cfg.pretrain_batch_size, seq_len=cfg.pretrain_seq_len, lr=cfg.pretrain_lr,
                min_lr=cfg.pretrain_lr / 10, warmup_steps=min(100, cfg.pretrain_steps // 10),
                eval_every=max(1, cfg.pretrain_steps // 4), **{**model_shape, "dropout": 0.0})
+
     def sft_stage(name, eft, **kw):
         steps = max(1, math.ceil(cfg.sft_epochs * (cfg.ift + eft) / cfg.sft_batch_size))
         return stage(cfg, name, mode="sft", init=m0, ift=cfg.ift, eft=eft, max_steps=steps,
@@ -210,7 +211,9 @@ def main(cfg: Config):
         print(f"[eval] {name}")
         results[name] = evaluate_model(cfg, name, path, eval_tasks, eft_eval, template, judge_too)
         tf = os.path.join(cfg.run_dir, name, "time.json")
-        times[name] = json.load(open(tf))["seconds"] if os.path.exists(tf) else 0.0
+        if os.path.exists(tf):
+            with open(tf) as f:
+                times[name] = json.load(f)["seconds"]
     text = report(cfg, results, times)
     tmp = os.path.join(cfg.run_dir, "report.md.tmp")
     with open(tmp, "w") as f:
