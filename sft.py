@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import tasks
-from data import Tokenizer, encode_chat, encode_documents, load_sft_data, load_tokenizer, pad_batch, show_supervision, train_tokenizer
+from data import (Tokenizer, encode_chat, encode_documents, load_sft_data, load_tokenizer, pad_batch,
+                  show_supervision, train_tokenizer, write_jsonl)
 from model import ModelConfig, Transformer, autocast, get_device, parse_config
 
 
@@ -117,15 +118,15 @@ def file_examples(path: str, eval_frac: float, seed: int):
     return ex[n_eval:], ex[:n_eval]
 
 
-def encode_examples(tok: Tokenizer, pairs, max_len: int, what: str):
+def encode_examples(tok: Tokenizer, pairs, max_len: int, what: str, required: bool = True):
     """Tokenise (prompt, response) pairs with the chat template. Examples longer than the
     context are dropped and counted (never silently cut: a cut reply would teach the model
-    to stop without EOS)."""
+    to stop without EOS). With `required`, having none left is an error."""
     out = [encode_chat(tok, p, r) for p, r in pairs]
     kept = [x for x in out if len(x[0]) <= max_len]
     if len(kept) < len(out):
         print(f"{what}: dropped {len(out) - len(kept)} of {len(out)} examples longer than {max_len} tokens")
-    if not kept:
+    if required and not kept:
         raise ValueError(f"{what}: no example fits in {max_len} tokens")
     return kept
 
@@ -240,7 +241,7 @@ def main(cfg: SFTConfig) -> str:
     else:
         max_len = model.config.max_seq_len
         train_ex = encode_examples(tok, train_pairs, max_len, "train")
-        eval_ex = [x for x in (encode_chat(tok, p, r) for p, r in eval_pairs) if len(x[0]) <= max_len]
+        eval_ex = encode_examples(tok, eval_pairs, max_len, "eval", required=False)
         if not eval_ex:
             print("eval: no held-out example fits the context; the eval loss uses training examples")
             eval_ex = train_ex[: cfg.batch_size]
@@ -269,10 +270,8 @@ def main(cfg: SFTConfig) -> str:
         metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
         if os.path.exists(metrics_path):
             with open(metrics_path) as f:
-                rows = [r for r in f if r.strip() and json.loads(r)["step"] <= step]
-            with open(metrics_path + ".tmp", "w") as f:
-                f.writelines(rows)
-            os.replace(metrics_path + ".tmp", metrics_path)
+                rows = [json.loads(r) for r in f if r.strip()]
+            write_jsonl(metrics_path, [r for r in rows if r["step"] <= step])
         if step >= cfg.max_steps:
             print(f"nothing to do: the checkpoint is at max_steps={cfg.max_steps}")
             return ckpt_dir
