@@ -152,29 +152,30 @@ def judged_head_to_head(judge_model, judge_tok, template: str, prompts: list[str
     """Head-to-head without an oracle, for user data: a third, frozen checkpoint judges both
     responses to each prompt with judge_prompt.txt (n_samples each, averaged) and the higher
     mean wins. The judge prompt is pointwise (one response per prompt), so there is no
-    position to swap; the "both orders" rule becomes: the pair is judged twice, independently,
-    and a prompt is a win only when both verdicts agree. A disagreement, equal means, a
+    position to swap; the "both orders" rule becomes: every response is judged in two
+    independent passes, and a prompt is a win only when both passes' verdicts agree. A disagreement, equal means, a
     response with no parsable judgment, or a missing response (its prompt did not fit) is a
     tie: a judge failure is never a win."""
     n = len(prompts)
     a_items = [(p, r if r is not None else "") for p, r in zip(prompts, responses_a)]
     b_items = [(p, r if r is not None else "") for p, r in zip(prompts, responses_b)]
     kw = dict(n_samples=n_samples, generator=generator, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    first = judge(judge_model, judge_tok, template, a_items + b_items, desc="judging (A, B)", **kw)
-    second = judge(judge_model, judge_tok, template, b_items + a_items, desc="judging (B, A)", **kw)
+    passes = [judge(judge_model, judge_tok, template, a_items + b_items, desc=f"judging, pass {k + 1}/2", **kw)
+              for k in range(2)]
     win = loss = 0
     for i in range(n):
         if responses_a[i] is None or responses_b[i] is None:
             continue  # nothing to compare: a tie
         verdicts = []
-        for a, b in ((first[i].score, first[n + i].score), (second[n + i].score, second[i].score)):
+        for js in passes:
+            a, b = js[i].score, js[n + i].score
             verdicts.append(None if a is None or b is None else (a > b) - (a < b))
         if verdicts == [1, 1]:
             win += 1
         elif verdicts == [-1, -1]:
             loss += 1
     return {"win": 100 * win / n, "tie": 100 * (n - win - loss) / n, "loss": 100 * loss / n,
-            "parse_failure_rate": 100 * parse_failure_rate(first + second)}
+            "parse_failure_rate": 100 * parse_failure_rate(passes[0] + passes[1])}
 
 
 # -----------------------------------------------------------------------------
@@ -306,6 +307,7 @@ class EvalConfig:
     k: int = 4
     judge_samples: int = 3
     temperature: float = 0.7
+    top_p: float = 0.9
     max_new_tokens: int = 48
     judge_max_new_tokens: int = 64
     seed: int = 1337
@@ -329,7 +331,7 @@ def main(cfg: EvalConfig):
         responses = []
         for path in (cfg.model, cfg.baseline):
             model, tok = load(path)
-            responses.append([r[0] for r in sample_responses(model, tok, prompts, 1, cfg.temperature, 0.9,
+            responses.append([r[0] for r in sample_responses(model, tok, prompts, 1, cfg.temperature, cfg.top_p,
                                                              cfg.max_new_tokens, generator=gen)])
         judge_model, judge_tok = load(cfg.judge)
         h = judged_head_to_head(judge_model, judge_tok, template, prompts, *responses, cfg.judge_samples,
@@ -343,9 +345,10 @@ def main(cfg: EvalConfig):
     results = {}
     for name in filter(None, [cfg.model, cfg.baseline]):
         model, tok = load(name)
-        r = instruction_following(model, tok, eval_tasks, cfg.temperature, gen, cfg.max_new_tokens)
+        r = instruction_following(model, tok, eval_tasks, cfg.temperature, gen, cfg.max_new_tokens, top_p=cfg.top_p)
         g = instruction_following(model, tok, eval_tasks, 0.0, None, cfg.max_new_tokens)
-        rm = judge_eval(model, tok, template, eft_eval, cfg.judge_samples, gen, cfg.judge_max_new_tokens)
+        rm = judge_eval(model, tok, template, eft_eval, cfg.judge_samples, gen, cfg.judge_max_new_tokens,
+                        temperature=cfg.temperature, top_p=cfg.top_p)
         results[name] = r
         print(f"{name}: oracle mean {r['oracle_mean']:.2f} exact {100 * r['exact_correct']:.1f}% (T={cfg.temperature}); "
               f"greedy {g['oracle_mean']:.2f} / {100 * g['exact_correct']:.1f}%")
