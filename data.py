@@ -15,9 +15,16 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from dataclasses import dataclass
 
 import torch
+
+class UserError(ValueError):
+    """A mistake in what the user gave: a flag, a data file, a checkpoint. The scripts print its
+    message as one line (it names the file, line or flag and what to do) instead of a
+    traceback; a bug raises anything else and keeps its traceback."""
+
 
 BOS, USER_START, END_OF_TURN, PAD = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"
 SPECIAL_TOKENS = [BOS, USER_START, END_OF_TURN, PAD]
@@ -99,23 +106,31 @@ def load_tokenizer(path: str) -> Tokenizer:
     model's EOS token."""
     from tokenizers import Tokenizer as HFTokenizer
 
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such file or directory")
     directory = path if os.path.isdir(path) else os.path.dirname(path)
     file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
     if not os.path.exists(file):
-        raise FileNotFoundError(f"{file}: no tokenizer.json (tinyalign reads only the fast-tokenizer format)")
-    tk = HFTokenizer.from_file(file)
+        raise UserError(f"{file}: no tokenizer.json (tinyalign reads only the fast-tokenizer format)")
+    try:
+        tk = HFTokenizer.from_file(file)
+    except Exception as e:  # the tokenizers library raises a bare Exception on a bad file
+        raise UserError(f"{file}: not a readable tokenizer.json ({e})") from None
     if tk.token_to_id(BOS) is not None and tk.token_to_id(PAD) is not None and tk.token_to_id(END_OF_TURN) is not None:
         return Tokenizer(tk, BOS, END_OF_TURN, PAD)  # one of ours
     conf = {}
     conf_path = os.path.join(directory, "tokenizer_config.json")
     if os.path.exists(conf_path):
-        with open(conf_path) as f:
-            conf = json.load(f)
+        try:
+            with open(conf_path, encoding="utf-8") as f:
+                conf = json.load(f)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{conf_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     bos, eos, pad = (_token_str(conf.get(k)) for k in ("bos_token", "eos_token", "pad_token"))
     if tk.token_to_id(END_OF_TURN) is not None:
         eos = END_OF_TURN
     if eos is None:
-        raise ValueError(f"{directory}: cannot tell the EOS token (no tokenizer_config.json eos_token)")
+        raise UserError(f"{directory}: cannot tell the EOS token (no tokenizer_config.json eos_token)")
     return Tokenizer(tk, bos, eos, pad)
 
 
@@ -204,7 +219,7 @@ class Preference:
     rejected: str
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A malformed input line; the message starts with 'file:line:'."""
 
 
@@ -220,12 +235,22 @@ PREFERENCE_FORMATS = """accepted formats (one JSON object per line):
 
 
 def read_jsonl(path: str):
-    """[(line_number, object)] for the non-blank lines of a JSONL file."""
+    """[(line_number, object)] for the non-blank lines of a UTF-8 JSONL file (a leading
+    byte-order mark is allowed)."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file")
+        raise DataError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory; give the path of a .jsonl file")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes, so that a bad byte can be reported with its line
+        for n, raw in enumerate(f, 1):
+            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # UTF-8 byte-order mark, as some editors write
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid UTF-8 (byte {e.start + 1} of the line); "
+                                "save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -384,6 +409,17 @@ def write_jsonl(path: str, rows):
 
 # -----------------------------------------------------------------------------
 # Batching
+
+
+def epoch_batch(n: int, batch_size: int, seed: int, i: int) -> list[int]:
+    """Indices of the i-th batch when n items are shuffled anew each epoch (a fixed order per
+    (seed, epoch)) and cut into n // batch_size batches. A pure function of i, so a resumed
+    run sees exactly the batches it would have seen."""
+    per_epoch = max(1, n // batch_size)
+    epoch, j = divmod(i, per_epoch)
+    order = list(range(n))
+    random.Random(seed * 1000 + epoch).shuffle(order)
+    return order[j * batch_size : (j + 1) * batch_size]
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int, side: str = "right", loss_masks=None):

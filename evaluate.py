@@ -25,8 +25,8 @@ import torch
 from tqdm import tqdm
 
 import tasks
-from data import Tokenizer, decode_response, encode_prompt
-from model import Transformer, generate, get_device, parse_config
+from data import Tokenizer, UserError, decode_response, encode_prompt
+from model import Transformer, cli, generate, get_device, load_checkpoint
 
 
 # -----------------------------------------------------------------------------
@@ -37,52 +37,70 @@ from model import Transformer, generate, get_device, parse_config
 def sample_responses(model: Transformer, tok: Tokenizer, prompts: list[str], n: int = 1,
                      temperature: float = 0.7, top_p: float = 0.9, max_new_tokens: int = 48,
                      batch_size: int = 64, generator: torch.Generator | None = None,
-                     desc: str = "sampling") -> list[list[str]]:
-    """n responses per prompt, in the chat template. Prompts are sorted by length before
-    batching, so a batch carries little left-padding. Returns out[i] = n strings for
-    prompts[i]; a prompt that does not fit the context gets n `None`s (reported, not cut)."""
+                     desc: str = "sampling", return_finished: bool = False):
+    """n responses per prompt, in the chat template. Each prompt's prefill runs once and is
+    shared by its n samples (generate's num_samples); prompts are sorted by length before
+    batching, so a batch carries little left-padding; batch_size counts sampled rows.
+    Returns out[i] = n strings for prompts[i]; a prompt that does not fit the context gets
+    n `None`s (reported, not cut). A response cut by max_new_tokens (no EOS) ends in " …", so
+    nobody mistakes it for a finished one; with return_finished, the texts stay as sampled
+    and a second list of lists says which ones ended with EOS."""
     encoded = [encode_prompt(tok, p) for p in prompts]
     limit = model.config.max_seq_len - max_new_tokens
-    jobs = [(i, k) for i in range(len(prompts)) if len(encoded[i]) <= limit for k in range(n)]
-    too_long = sum(len(e) > limit for e in encoded)
+    todo = sorted((i for i in range(len(prompts)) if len(encoded[i]) <= limit), key=lambda i: len(encoded[i]))
+    too_long = len(prompts) - len(todo)
     if too_long:
         print(f"{desc}: {too_long} of {len(prompts)} prompts exceed {limit} tokens and are not answered")
-    jobs.sort(key=lambda j: len(encoded[j[0]]))
+    per_batch = max(1, batch_size // n)
     out: list[list] = [[None] * n for _ in prompts]
-    for s in tqdm(range(0, len(jobs), batch_size), desc=desc, leave=False, disable=len(jobs) <= batch_size):
-        chunk = jobs[s : s + batch_size]
-        g = generate(model, [encoded[i] for i, _ in chunk], max_new_tokens, eos_id=tok.eos_id,
-                     pad_id=tok.pad_id, temperature=temperature, top_p=top_p, generator=generator)
-        for (i, k), row, done in zip(chunk, g.tokens.tolist(), g.finished.tolist()):
-            text = decode_response(tok, row)
-            # a response cut by the budget is marked, so nobody mistakes it for a finished one
-            out[i][k] = text if done else text + " …"
-    return out
+    ended: list[list] = [[False] * n for _ in prompts]
+    for s in tqdm(range(0, len(todo), per_batch), desc=desc, leave=False, disable=len(todo) <= per_batch):
+        chunk = todo[s : s + per_batch]
+        g = generate(model, [encoded[i] for i in chunk], max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                     temperature=temperature, top_p=top_p, generator=generator, num_samples=n)
+        rows, done = g.tokens.tolist(), g.finished.tolist()
+        for r, i in enumerate(chunk):
+            for k in range(n):
+                text = decode_response(tok, rows[r * n + k])
+                ended[i][k] = done[r * n + k]
+                out[i][k] = text if ended[i][k] or return_finished else text + " …"
+    return (out, ended) if return_finished else out
 
 
 # -----------------------------------------------------------------------------
 # The model as judge
 
-# "Score: 4", "score - 4.0", "**Score:** 4/5", "SCORE: 3 points" -> the number after the last
-# "score"; 0-5 only. The judge is asked to end with "Score: <points>", so the last match wins.
-# The sign and a leading "." are part of the number ("Score: -1" is out of range, not 1), and
-# a score out of anything but 5 ("4/10") is not on our scale.
-# A stated range ("Score (0-5): 4") is skipped, never read as the score.
-SCORE_RE = re.compile(r"\bscore(?:\s*[(\[]\s*\d\s*[-–]\s*\d\s*[)\]])?[\s:*_=\-–]{0,6}?"
-                      r"(-?(?:\d+(?:\.\d+)?|\.\d+))(?!\s*[-–]\s*\d)(?:\s*/\s*(\d+))?", re.IGNORECASE)
+# A score statement is the word "score" (a stated range like "(0-5)" may follow) and then,
+# after a few separator characters, the number: "Score: 4", "score - 4.0", "**Score:** 4/5",
+# "SCORE: 3 points", "the score is 3". The judge is asked to END with "Score: <points>", so the LAST statement
+# is the verdict, and if that one is unreadable ("Score: none", "Score: 3-5", "Score: 4/10",
+# "Score: 7") the answer is None: an earlier statement the judge went on to revise is not
+# its verdict. "score" in prose ("that explains the score.") is no statement and is skipped.
+# The sign and a leading "." belong to the number ("Score: -1" is out of range, not 1).
+SCORE_WORD_RE = re.compile(r"\bscore(?:\s*[(\[]\s*\d\s*[-–]\s*\d\s*[)\]])?", re.IGNORECASE)
+SCORE_VALUE_RE = re.compile(r"[\s:*_=\-–]{0,6}?(?:is\s+)?(-?(?:\d+(?:\.\d+)?|\.\d+))(\s*[-–]\s*\d)?(?:\s*/\s*(\d+))?")
+SCORE_COLON_RE = re.compile(r"[\s*_]*[:=]")  # "Score:" followed by no number: an unreadable statement
 
 
 def parse_score(text: str | None) -> float | None:
-    """The judge's final score, or None when there is none. A failure never becomes a score."""
+    """The judge's final score in [0, 5], or None when there is none. A failure never
+    becomes a score."""
     if not text:
         return None
-    matches = SCORE_RE.findall(text)
-    if not matches:
+    verdict = None  # (number, range tail, denominator) of the last statement; "" if unreadable
+    for word in SCORE_WORD_RE.finditer(text):
+        rest = text[word.end():]
+        value = SCORE_VALUE_RE.match(rest)
+        if value:
+            verdict = value.groups()
+        elif SCORE_COLON_RE.match(rest):
+            verdict = ""
+    if not verdict:
         return None
-    number, out_of = matches[-1]
+    number, range_tail, out_of = verdict
+    if range_tail or (out_of and out_of != "5"):
+        return None  # "3-5" is no single score; "4/10" is not on our scale
     value = float(number)
-    if out_of and out_of != "5":
-        return None
     return value if 0.0 <= value <= 5.0 else None
 
 
@@ -146,9 +164,46 @@ def head_to_head(points_a: list[float], points_b: list[float]) -> dict:
     return {"win": 100 * win / n, "tie": 100 * (n - win - loss) / n, "loss": 100 * loss / n}
 
 
+def bootstrap_mean(values, n_resamples: int = 10000, seed: int = 0, level: float = 0.95):
+    """(mean, low, high): the mean of per-prompt values and its percentile bootstrap interval,
+    prompts resampled with replacement. Fed per-prompt DIFFERENCES of two models on the same
+    prompts, it is the paired bootstrap: a prompt's two scores move together."""
+    import numpy as np
+
+    x = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(n_resamples, len(x)))].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    return float(x.mean()), float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test: the probability of a split at least this uneven between wins
+    and losses if each were a coin flip (ties carry no information and are left out)."""
+    n, k = wins + losses, min(wins, losses)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def compare(points_a: list[float], points_b: list[float], seed: int = 0) -> dict:
+    """Model A against model B on the same prompts, with uncertainty (one seed is noise here):
+    the mean score difference and the win - loss margin, each with a paired-bootstrap 95%
+    interval, and the sign test's p-value for wins vs losses."""
+    diffs = [a - b for a, b in zip(points_a, points_b)]
+    signs = [(d > 0) - (d < 0) for d in diffs]
+    h = head_to_head(points_a, points_b)
+    d, d_lo, d_hi = bootstrap_mean(diffs, seed=seed)
+    m, m_lo, m_hi = bootstrap_mean(signs, seed=seed)
+    return {**h, "mean_diff": d, "mean_diff_ci": [d_lo, d_hi], "margin": 100 * m,
+            "margin_ci": [100 * m_lo, 100 * m_hi],
+            "sign_test_p": sign_test(signs.count(1), signs.count(-1))}
+
+
 def judged_head_to_head(judge_model, judge_tok, template: str, prompts: list[str],
                         responses_a: list, responses_b: list, n_samples: int = 3,
-                        generator=None, max_new_tokens: int = 64, batch_size: int = 64) -> dict:
+                        generator=None, max_new_tokens: int = 64, batch_size: int = 64,
+                        temperature: float = 0.7, top_p: float = 0.9) -> dict:
     """Head-to-head without an oracle, for user data: a third, frozen checkpoint judges both
     responses to each prompt with judge_prompt.txt (n_samples each, averaged) and the higher
     mean wins. The judge prompt is pointwise (one response per prompt), so there is no
@@ -159,7 +214,8 @@ def judged_head_to_head(judge_model, judge_tok, template: str, prompts: list[str
     n = len(prompts)
     a_items = [(p, r if r is not None else "") for p, r in zip(prompts, responses_a)]
     b_items = [(p, r if r is not None else "") for p, r in zip(prompts, responses_b)]
-    kw = dict(n_samples=n_samples, generator=generator, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    kw = dict(n_samples=n_samples, generator=generator, max_new_tokens=max_new_tokens, batch_size=batch_size,
+              temperature=temperature, top_p=top_p)
     passes = [judge(judge_model, judge_tok, template, a_items + b_items, desc=f"judging, pass {k + 1}/2", **kw)
               for k in range(2)]
     win = loss = 0
@@ -315,18 +371,19 @@ class EvalConfig:
 
 
 def main(cfg: EvalConfig):
-    from data import load_sft_data, load_tokenizer
+    from data import load_sft_data
 
     device = get_device(cfg.device)
 
     def load(path):
-        return Transformer.from_pretrained(path).to(device).eval(), load_tokenizer(path)
+        model, tok = load_checkpoint(path, device)
+        return model.eval(), tok
 
     template = tasks.load_judge_template()
     gen = torch.Generator(device).manual_seed(cfg.seed)
     if cfg.data:  # user data: no oracle, a frozen judge decides
         if not (cfg.baseline and cfg.judge):
-            raise SystemExit("--data needs --baseline and --judge (a frozen checkpoint that judges)")
+            raise UserError("--data needs --baseline and --judge (a frozen checkpoint that judges)")
         prompts = [e.prompt for e in load_sft_data(cfg.data)][: cfg.n_eval]
         responses = []
         for path in (cfg.model, cfg.baseline):
@@ -335,7 +392,7 @@ def main(cfg: EvalConfig):
                                                              cfg.max_new_tokens, generator=gen)])
         judge_model, judge_tok = load(cfg.judge)
         h = judged_head_to_head(judge_model, judge_tok, template, prompts, *responses, cfg.judge_samples,
-                                gen, cfg.judge_max_new_tokens)
+                                gen, cfg.judge_max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
         print(f"{cfg.model} vs {cfg.baseline}, judged by {cfg.judge} on {len(prompts)} prompts: "
               f"win {h['win']:.1f} / tie {h['tie']:.1f} / loss {h['loss']:.1f} "
               f"(judge parse failures {h['parse_failure_rate']:.1f}%)")
@@ -359,4 +416,4 @@ def main(cfg: EvalConfig):
 
 
 if __name__ == "__main__":
-    main(parse_config(EvalConfig, __doc__))
+    cli(main, EvalConfig, __doc__)

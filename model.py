@@ -22,8 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
@@ -31,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import pad_batch
+from data import UserError, load_tokenizer, pad_batch, write_jsonl
 
 
 # -----------------------------------------------------------------------------
@@ -173,6 +171,12 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
 
+    def repeat_interleave(self, n: int):
+        """Copy every row n times in place of one (row i -> rows i*n ... i*n+n-1): one prompt's
+        prefill serves n samples."""
+        self.k = self.k.repeat_interleave(n, dim=1)
+        self.v = self.v.repeat_interleave(n, dim=1)
+
     def update(self, layer, start, k, v):
         end = start + k.shape[2]
         self.k[layer, :, :, start:end] = k
@@ -255,12 +259,17 @@ class Transformer(nn.Module):
         x = self.norm(x)
         if return_hidden:
             return x
-        return self.lm_head(x)
+        # The output head runs in fp32 even under bf16 autocast: log-probs feed PPO's ratios
+        # and DPO's margins, and bf16 logits (8 bits of mantissa) are off by up to ~0.1 nats
+        # per token, several nats on a summed response.
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.lm_head.weight.float())
 
     # checkpoints -------------------------------------------------------------
 
-    def save_pretrained(self, path: str, tokenizer=None, extra_files: dict | None = None):
-        save_pretrained(self, path, tokenizer, extra_files)
+    def save_pretrained(self, path: str, tokenizer=None, extra_files: dict | None = None,
+                        metadata: dict | None = None):
+        save_pretrained(self, path, tokenizer, extra_files, metadata)
 
     @classmethod
     def from_pretrained(cls, path: str, device="cpu", dtype=torch.float32, **overrides):
@@ -272,9 +281,20 @@ class Transformer(nn.Module):
 
 
 def get_device(name: str = "auto") -> torch.device:
-    """cuda > mps > cpu unless a device is named."""
+    """cuda > mps > cpu unless a device is named; a named device that is not there is a user
+    error, caught before anything is written."""
     if name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UserError(f"--device {name!r} is not a device name (try auto, cpu, cuda, cuda:1, mps)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {name}: this PyTorch sees no CUDA GPU (use --device auto or cpu)")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise UserError(f"--device {name}: MPS is not available here (use --device auto or cpu)")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -288,23 +308,6 @@ def autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
-
-
-def parse_config(cls, description: str = "", defaults=None, argv=None):
-    """Command-line flags that mirror a config dataclass: one --flag per field, typed by its
-    default (bools as --flag / --no-flag). Every script uses this, so a flag is always spelled
-    as the field it sets."""
-    import argparse
-
-    defaults = defaults or cls()
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(cls):
-        v = getattr(defaults, f.name)
-        if isinstance(v, bool):
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=v)
-        else:
-            p.add_argument(f"--{f.name}", type=type(v), default=v)
-    return cls(**vars(p.parse_args(argv)))
 
 
 # -----------------------------------------------------------------------------
@@ -386,46 +389,79 @@ def generate(
     top_p: float = 1.0,
     attention_mask=None,
     generator: torch.Generator | None = None,
+    num_samples: int = 1,
 ) -> Generation:
     """Sample continuations of a batch of prompts with a KV cache.
 
-    prompts: a list of token-id lists (left-padded here) or a left-padded LongTensor (B, T0)
+    prompts: a list of token-id lists (left-padded here) or a left-padded LongTensor (P, T0)
     with its attention_mask. temperature 0 means greedy. Each row stops at its first EOS;
     the loop stops when all rows have stopped or after max_new_tokens.
+    num_samples: continuations per prompt. The prompts' prefill runs once and its cache is
+    copied, so the output has P * num_samples rows, prompt i owning rows
+    i * num_samples ... (i + 1) * num_samples - 1 (best-of-N sampling, the judge's 3 samples).
     `generator` (a torch.Generator on the model's device) makes sampling repeatable."""
     if pad_id == eos_id:
         raise ValueError("pad_id must differ from eos_id: padding would read as end of sequence")
+    if not (temperature >= 0 and top_k >= 0 and 0 < top_p <= 1 and max_new_tokens >= 1 and num_samples >= 1):
+        raise ValueError(f"generate: need temperature >= 0, top_k >= 0, 0 < top_p <= 1, "
+                         f"max_new_tokens >= 1 and num_samples >= 1; got {temperature}, {top_k}, "
+                         f"{top_p}, {max_new_tokens}, {num_samples}")
     device = model.embed_tokens.weight.device
     if isinstance(prompts, torch.Tensor):
         ids = prompts.to(device)
         attention_mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(device)
+        # every row's next token goes in the same column, so prompts must end in the last one
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError("generate: tensor prompts must be LEFT-padded (the attention mask's "
+                             "last column is 0 in some row)")
     else:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate: every prompt needs at least one token")
         ids, attention_mask = pad_batch(prompts, pad_id, side="left")
         ids, attention_mask = ids.to(device), attention_mask.to(device)
-    B, T0 = ids.shape
-    total = T0 + max_new_tokens
-    if total > model.config.max_seq_len:
+    T0 = ids.shape[1]
+    if T0 + max_new_tokens > model.config.max_seq_len:
         raise ValueError(
             f"prompt ({T0} tokens) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len "
             f"({model.config.max_seq_len}); shorten the prompt or the generation budget"
         )
     was_training = model.training
-    model.eval()
-    dtype = next(model.parameters()).dtype
-    if device.type == "cuda":
-        dtype = torch.bfloat16
-    cache = KVCache(model.config, B, total, device, dtype)
+    model.eval()  # no dropout while sampling; restored below even if sampling raises
+    try:
+        return _sample(model, ids, attention_mask, max_new_tokens, eos_id, pad_id, temperature,
+                       top_k, top_p, generator, num_samples)
+    finally:
+        model.train(was_training)
+
+
+def _sample(model, ids, attention_mask, max_new_tokens, eos_id, pad_id, temperature, top_k, top_p,
+            generator, num_samples) -> Generation:
+    """The decoding loop of `generate` (arguments checked there)."""
+    device = ids.device
+    P, T0 = ids.shape  # P distinct prompts
+    B = P * num_samples  # rows being sampled
+    total = T0 + max_new_tokens
+    dtype = torch.bfloat16 if device.type == "cuda" else next(model.parameters()).dtype
+    cache = KVCache(model.config, P, total, device, dtype)
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (P, T0)
+    with autocast(device):
+        logits = model(ids, attention_mask, cache=cache, start=0, positions=positions)[:, -1]
+    if num_samples > 1:
+        # Shared prefill: the prompt was run once; its cache, mask and last logits are copied
+        # to its num_samples rows. Each row then draws its OWN first token below (copying
+        # one sampled first token to every row is a classic bug of this optimisation).
+        cache.repeat_interleave(num_samples)
+        ids = ids.repeat_interleave(num_samples, dim=0)
+        attention_mask = attention_mask.repeat_interleave(num_samples, dim=0)
+        logits = logits.repeat_interleave(num_samples, dim=0)
     # the mask grows with the sequence; preallocate it, and the outputs, once
     full_mask = torch.zeros((B, total), dtype=torch.long, device=device)
     full_mask[:, :T0] = attention_mask
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T0)
     next_pos = attention_mask.sum(-1, keepdim=True)  # (B, 1) position of the first new token
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
 
-    with autocast(device):
-        logits = model(ids, full_mask[:, :T0], cache=cache, start=0, positions=positions)[:, -1]
     n = 0
     for t in range(max_new_tokens):
         logits = logits.float()
@@ -435,7 +471,7 @@ def generate(
         else:
             scaled = logits / temperature
             probs = filter_logits(scaled, top_k, top_p).softmax(-1)
-            next_tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            next_tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
         logp = token_logprobs(scaled[:, None], next_tok[:, None])[:, 0]  # greedy: at T = 1
         alive = ~finished
         tokens[:, t] = torch.where(alive, next_tok, torch.full_like(next_tok, pad_id))
@@ -452,7 +488,6 @@ def generate(
                 tokens[:, t : t + 1], full_mask[:, : T0 + t + 1], cache=cache, start=T0 + t,
                 positions=next_pos + t,
             )[:, -1]
-    model.train(was_training)
     tokens, logprobs = tokens[:, :n], logprobs[:, :n]
     response_mask = full_mask[:, T0 : T0 + n]
     return Generation(
@@ -512,21 +547,26 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"}
 
 
-def config_from_hf(hf: dict) -> ModelConfig:
+def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
+    """Our config from an HF config.json dict; `where` names the file in error messages."""
     arch = (hf.get("architectures") or ["?"])[0]
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"unsupported architecture {arch!r}; tinyalign loads {sorted(SUPPORTED_ARCHITECTURES)}")
+        raise UserError(f"{where}: unsupported architecture {arch!r}; tinyalign loads {sorted(SUPPORTED_ARCHITECTURES)}")
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if k not in hf]
+    if missing:
+        raise UserError(f"{where}: missing key(s) {missing}; is this a Llama-family config.json?")
     # transformers < 5 writes rope_theta / rope_scaling at the top level, 5.x nests them in
     # rope_parameters; a scaled rotary (linear, llama3, yarn...) would load silently wrong
     rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
-        raise ValueError(f"rope scaling {rope_type!r} is not implemented (plain rotary only)")
+        raise UserError(f"{where}: rope scaling {rope_type!r} is not implemented (plain rotary only)")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise ValueError("Llama attention_bias/mlp_bias (bias on o_proj/MLP) is not implemented")
+        raise UserError(f"{where}: Llama attention_bias/mlp_bias (bias on o_proj/MLP) is not implemented")
     window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
     if window and window < hf.get("max_position_embeddings", 0):
-        raise ValueError(f"sliding-window attention (window {window}) is not implemented")
+        raise UserError(f"{where}: sliding-window attention (window {window}) is not implemented")
     n_heads = hf["num_attention_heads"]
     eos = hf.get("eos_token_id")
     return ModelConfig(
@@ -548,34 +588,16 @@ def config_from_hf(hf: dict) -> ModelConfig:
     )
 
 
-def _atomic_dir(path: str):
-    """A temp directory beside `path`; `_commit_dir` renames it into place."""
-    parent = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix="." + os.path.basename(os.path.abspath(path)) + ".tmp-", dir=parent)
-
-
-def _commit_dir(tmp: str, path: str):
-    # rename is atomic on one filesystem; an existing checkpoint is moved aside first and
-    # removed only after the new one is in place, so a crash never leaves neither
-    old = None
-    if os.path.exists(path):
-        old = tmp + ".old"
-        os.rename(path, old)
-    try:
-        os.rename(tmp, path)
-    except BaseException:
-        if old:
-            os.rename(old, path)  # put the previous checkpoint back
-        raise
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def save_pretrained(model: Transformer, path: str, tokenizer=None, extra_files: dict | None = None):
+def save_pretrained(model: Transformer, path: str, tokenizer=None, extra_files: dict | None = None,
+                    metadata: dict | None = None):
     """Write model.safetensors + config.json (+ tokenizer.json, + extra files: name -> str or
-    bytes) to `path`,
-    atomically: everything goes to a temp directory that is renamed into place at the end."""
+    bytes) into the directory `path`. Like transformers, it touches no other file there.
+
+    Every file is first written under a hidden temp name in the same directory, then renamed
+    over its final name (atomic on one filesystem): a crash or Ctrl-C while writing leaves the
+    previous version of every file intact. The weights are renamed last and carry `metadata`
+    (str -> str; a trainer stores its step there, so that --resume can tell that the weights
+    and the trainer state come from the same save)."""
     from safetensors.torch import save_file
 
     cfg = model.config
@@ -584,49 +606,111 @@ def save_pretrained(model: Transformer, path: str, tokenizer=None, extra_files: 
         if cfg.tie_embeddings and name == "lm_head.weight":
             continue  # tied: HF stores only the embedding
         tensors[_hf_name(name)] = t.detach().to("cpu", torch.float32).contiguous()
-    tmp = _atomic_dir(path)
-    try:
-        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config_to_hf(cfg), f, indent=2)
-        if tokenizer is not None:
-            tokenizer.save(os.path.join(tmp, "tokenizer.json"))
-        for name, content in (extra_files or {}).items():  # e.g. the trainer's config and state
-            with open(os.path.join(tmp, name), "wb" if isinstance(content, bytes) else "w") as f:
+
+    def write_text(content):
+        def write(p):
+            with open(p, "wb" if isinstance(content, bytes) else "w") as f:
                 f.write(content)
-        _commit_dir(tmp, path)
+        return write
+
+    writers = {}  # final name -> function writing the file at a given path; renamed in this order
+    if tokenizer is not None:
+        writers["tokenizer.json"] = tokenizer.save
+    for name, content in (extra_files or {}).items():  # e.g. the trainer's config and state
+        writers[name] = write_text(content)
+    writers["config.json"] = write_text(json.dumps(config_to_hf(cfg), indent=2))
+    writers["model.safetensors"] = lambda p: save_file(tensors, p, metadata={"format": "pt", **(metadata or {})})
+
+    created = not os.path.isdir(path)
+    os.makedirs(path, exist_ok=True)
+    umask = os.umask(0)
+    os.umask(umask)
+    temps = []
+    try:
+        for name, write in writers.items():
+            tmp = os.path.join(path, f".{name}.tmp-{os.getpid()}")
+            temps.append(tmp)
+            write(tmp)
+            os.chmod(tmp, 0o666 & ~umask)  # safetensors creates its files private (0600)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())  # on disk before it replaces anything
+        for tmp, name in zip(temps, writers):
+            os.replace(tmp, os.path.join(path, name))
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for tmp in temps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        if created and not os.listdir(path):
+            os.rmdir(path)  # a failed first save leaves nothing behind
         raise
+
+
+def _read_safetensors(file: str) -> dict:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(file)
+    except Exception as e:  # safetensors raises its own error type for a truncated/corrupt file
+        raise UserError(f"{file}: cannot read the weights ({e}); the file is damaged or truncated") from None
+
+
+def checkpoint_metadata(path: str) -> dict:
+    """The metadata stored in a checkpoint's model.safetensors header (empty when sharded)."""
+    from safetensors import safe_open
+
+    file = os.path.join(path, "model.safetensors")
+    if not os.path.exists(file):
+        return {}
+    try:
+        with safe_open(file, "pt") as f:
+            return f.metadata() or {}
+    except Exception as e:
+        raise UserError(f"{file}: cannot read the weights ({e}); the file is damaged or truncated") from None
 
 
 def load_state_dict_files(path: str) -> dict:
     """All tensors of a checkpoint directory: model.safetensors, or the shards listed in
     model.safetensors.index.json."""
-    from safetensors.torch import load_file
-
     single = os.path.join(path, "model.safetensors")
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(single):
-        return load_file(single)
+        return _read_safetensors(single)
     if os.path.exists(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        shards = sorted(set(read_json(index)["weight_map"].values()))
         tensors = {}
         for shard in shards:
-            tensors.update(load_file(os.path.join(path, shard)))
+            tensors.update(_read_safetensors(os.path.join(path, shard)))
         return tensors
-    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def read_json(path: str) -> dict:
+    """A JSON file that the user gave us (config.json, ...), with errors that name it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except (UnicodeDecodeError, IsADirectoryError) as e:
+        raise UserError(f"{path}: cannot be read as a JSON file ({e})") from None
+
+
+def check_checkpoint_dir(path: str):
+    """A clear error for a path that is not a checkpoint directory at all."""
+    if not path or not os.path.exists(path):
+        raise UserError(f"{path or '(empty path)'}: no such checkpoint directory")
+    if not os.path.isdir(path):
+        raise UserError(f"{path}: is a file; a checkpoint is a directory holding config.json and model.safetensors")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise UserError(f"{path}: no config.json; a checkpoint is a directory holding config.json and model.safetensors")
 
 
 def from_pretrained(path: str, device="cpu", dtype=torch.float32, **overrides) -> Transformer:
     """Load a tinyalign or HF Llama-family checkpoint directory. `overrides` replace config
     fields that do not change tensor shapes (dropout, max_seq_len, ...)."""
+    check_checkpoint_dir(path)
     cfg_path = os.path.join(path, "config.json")
-    if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f"{path}: no config.json")
-    with open(cfg_path) as f:
-        cfg = config_from_hf(json.load(f))
+    cfg = config_from_hf(read_json(cfg_path), cfg_path)
     for k, v in overrides.items():
         if k not in {f.name for f in fields(ModelConfig)}:
             raise ValueError(f"unknown config field {k!r}")
@@ -641,13 +725,13 @@ def from_pretrained(path: str, device="cpu", dtype=torch.float32, **overrides) -
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not match config: missing tensors {missing[:5]}"
-                         f"{'...' if len(missing) > 5 else ''}, unexpected tensors {unexpected[:5]}"
-                         f"{'...' if len(unexpected) > 5 else ''}")
+        raise UserError(f"{path}: checkpoint does not match config: missing tensors {missing[:5]}"
+                        f"{'...' if len(missing) > 5 else ''}, unexpected tensors {unexpected[:5]}"
+                        f"{'...' if len(unexpected) > 5 else ''}")
     for name, p in expected.items():
         if tensors[name].shape != p.shape:
-            raise ValueError(f"{path}: tensor {name} has shape {tuple(tensors[name].shape)}, "
-                             f"config expects {tuple(p.shape)}")
+            raise UserError(f"{path}: tensor {name} has shape {tuple(tensors[name].shape)}, "
+                            f"config expects {tuple(p.shape)}")
     ours = {n: tensors[_hf_name(n)].to(dtype) for n in model.state_dict() if _hf_name(n) in tensors}
     model.load_state_dict(ours, strict=False, assign=True)
     if cfg.tie_embeddings:
@@ -656,3 +740,169 @@ def from_pretrained(path: str, device="cpu", dtype=torch.float32, **overrides) -
     cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
     model.rope_cos, model.rope_sin = cos, sin
     return model.to(device)
+
+
+def load_checkpoint(path: str, device="cpu", **overrides):
+    """(model, tokenizer) from one checkpoint directory, checked against each other: every
+    token id the tokenizer can produce must have a row in the model's embedding."""
+    model = from_pretrained(path, device, **overrides)
+    tok = load_tokenizer(path)
+    if tok.vocab_size > model.config.vocab_size:
+        raise UserError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model only "
+                        f"{model.config.vocab_size} embeddings; they do not belong together")
+    return model, tok
+
+
+# -----------------------------------------------------------------------------
+# What every script shares: flags, user errors, and the plumbing of a training run
+# (sft.py, reward.py, dpo.py and ppo.py each read top to bottom and call these).
+
+
+def parse_config(cls, description: str = "", defaults=None, argv=None):
+    """Command-line flags that mirror a config dataclass: one --flag per field, typed by its
+    default (bools as --flag / --no-flag). Every script uses this, so a flag is always spelled
+    as the field it sets."""
+    import argparse
+
+    defaults = defaults or cls()
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(cls):
+        v = getattr(defaults, f.name)
+        if isinstance(v, bool):
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=v)
+        else:
+            p.add_argument(f"--{f.name}", type=type(v), default=v)
+    return cls(**vars(p.parse_args(argv)))
+
+
+def cli(main, cls, description: str = "", defaults=None):
+    """Run a script: flags -> config -> main(config). A user's mistake (UserError: a bad flag,
+    file or checkpoint) is printed as one line and exits with status 2; a bug keeps its
+    traceback."""
+    import sys
+
+    try:
+        return main(parse_config(cls, description, defaults))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def check_ranges(cfg, rules: dict):
+    """rules: {flag: (ok, what it must be)}. Raises one UserError listing every flag that is
+    out of range, so a user fixes them all at once."""
+    bad = [f"--{name} {getattr(cfg, name)!r} (must be {what})" for name, (ok, what) in rules.items() if not ok]
+    if bad:
+        raise UserError("invalid flag(s): " + "; ".join(bad))
+
+
+class TrainingDiverged(UserError):
+    """A non-finite loss or gradient: training stops before the bad step can be saved."""
+
+
+def check_finite(step: int, out_dir: str, **values):
+    """Stop on NaN/inf with the step and the quantity named; the last checkpoint is kept
+    (nothing is saved after a bad step). JSON cannot even write NaN (metrics.jsonl)."""
+    for name, v in values.items():
+        if not math.isfinite(v):
+            raise TrainingDiverged(
+                f"step {step}: {name} is {v}; training stopped and nothing was saved for this step "
+                f"(the last checkpoint in {out_dir} is kept). Lower --lr, check --init's weights "
+                f"and the data, then start again or --resume")
+
+
+def configure_optimizer(model, lr: float, weight_decay: float, betas, device):
+    """AdamW with weight decay on matrices only (embeddings and linear weights), not on norms
+    and biases, as in GPT-2 / Llama training."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda")
+
+
+def lr_schedule(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
+    """Linear warm-up over warmup_steps, then linear decay from lr to min_lr at max_steps."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    frac = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return lr + (min_lr - lr) * min(1.0, frac)
+
+
+# Flags that may change between a run and its --resume: they do not change what is computed.
+RESUMABLE_CHANGES = {"resume", "overwrite", "device", "compile", "save_every", "eval_every", "show_example"}
+
+
+def prepare_out_dir(cfg) -> str:
+    """Check out_dir before anything is trained; returns the checkpoint directory out_dir/model.
+
+    A fresh run refuses an out_dir that holds an earlier run (its metrics.jsonl would be
+    appended to, its checkpoint replaced) unless --overwrite says so. --resume needs a
+    checkpoint there and refuses settings that differ from the saved ones (other than the
+    RESUMABLE_CHANGES, and max_steps, which extends a run)."""
+    import dataclasses
+
+    ckpt = os.path.join(cfg.out_dir, "model")
+    metrics = os.path.join(cfg.out_dir, "metrics.jsonl")
+    state = os.path.join(ckpt, "trainer_state.pt")
+    if cfg.resume and cfg.overwrite:
+        raise UserError("--resume and --overwrite contradict each other; choose one")
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise UserError(f"--out_dir {cfg.out_dir} is a file")
+    if cfg.resume:
+        if not os.path.exists(state):
+            raise UserError(f"--resume: no checkpoint with trainer state in {ckpt}")
+        saved = read_json(os.path.join(ckpt, "train_config.json"))
+        now = dataclasses.asdict(cfg)
+        changed = {k: (saved.get(k), v) for k, v in now.items()
+                   if k not in RESUMABLE_CHANGES | {"max_steps"} and saved.get(k) != v}
+        if changed:
+            raise UserError(f"--resume: {ckpt} was trained with other settings {changed} (saved, now); "
+                            "resume with the same flags, or start a new run in another --out_dir")
+    elif os.path.exists(metrics) or os.path.exists(state):
+        if not cfg.overwrite:
+            raise UserError(f"--out_dir {cfg.out_dir} holds an earlier run; use --resume to continue it, "
+                            "--overwrite to start afresh there, or another --out_dir")
+        for f in (metrics, state):  # the old weights stay until the first save replaces them
+            if os.path.exists(f):
+                os.remove(f)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    return ckpt
+
+
+def save_checkpoint(model, tok, cfg, optimizer, step: int, extra_state: dict | None = None):
+    """out_dir/model/: weights (their header records the step), tokenizer, the resolved
+    config and the trainer state for --resume, each file written atomically."""
+    import dataclasses
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), **(extra_state or {})}, buf)
+    model.save_pretrained(os.path.join(cfg.out_dir, "model"), tok, extra_files={
+        "train_config.json": json.dumps(dataclasses.asdict(cfg), indent=2),
+        "trainer_state.pt": buf.getvalue(),
+    }, metadata={"step": str(step)})
+
+
+def load_trainer_state(cfg, optimizer, device) -> dict:
+    """The trainer state saved beside the weights (optimizer restored in place). Refuses a
+    checkpoint whose weights and state come from two different saves (a kill mid-save), and
+    drops the metrics rows logged after the checkpoint (they are redone)."""
+    ckpt = os.path.join(cfg.out_dir, "model")
+    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), map_location=device, weights_only=True)
+    weights_step = checkpoint_metadata(ckpt).get("step")
+    if weights_step is not None and int(weights_step) != state["step"]:
+        raise UserError(f"{ckpt}: the weights are from step {weights_step} but the trainer state from "
+                        f"step {state['step']} (a save was interrupted); start again with --overwrite")
+    optimizer.load_state_dict(state["optimizer"])
+    metrics = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if os.path.exists(metrics):
+        with open(metrics) as f:
+            rows = [json.loads(r) for r in f if r.strip()]
+        write_jsonl(metrics, [r for r in rows if r["step"] <= state["step"]])
+    return state
+
+
+def log_metrics(out_dir: str, row: dict):
+    """Append one row to out_dir/metrics.jsonl (strict JSON: NaN never gets here)."""
+    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(row, allow_nan=False) + "\n")

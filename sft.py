@@ -18,9 +18,6 @@ config and the trainer state for --resume) and out_dir/metrics.jsonl.
 
 from __future__ import annotations
 
-import dataclasses
-import io
-import json
 import os
 import random
 import time
@@ -31,9 +28,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import tasks
-from data import (Tokenizer, encode_chat, encode_documents, load_sft_data, load_tokenizer, pad_batch,
-                  show_supervision, train_tokenizer, write_jsonl)
-from model import ModelConfig, Transformer, autocast, get_device, parse_config
+from data import (Tokenizer, UserError, encode_chat, encode_documents, epoch_batch, load_sft_data, pad_batch,
+                  show_supervision, train_tokenizer)
+from model import (ModelConfig, Transformer, autocast, check_finite, check_ranges, cli, configure_optimizer,
+                   get_device, load_checkpoint, load_trainer_state, log_metrics, lr_schedule,
+                   prepare_out_dir, save_checkpoint)
 
 
 @dataclass
@@ -55,7 +54,7 @@ class SFTConfig:
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int = 4
-    max_seq_len: int = 256
+    max_seq_len: int = 0  # context length; 0: the checkpoint's own (--init), or 256 from scratch
     dropout: float = 0.1  # the paper's SFT dropout
     # optimisation
     batch_size: int = 32
@@ -72,10 +71,31 @@ class SFTConfig:
     eval_every: int = 100
     eval_batches: int = 8
     save_every: int = 0  # 0: save only at the end
-    resume: bool = False
+    resume: bool = False  # continue the run saved in out_dir (same settings; --max_steps may grow)
+    overwrite: bool = False  # start afresh in an out_dir that holds an earlier run
     device: str = "auto"
     compile: bool = False
     show_example: bool = True  # print one training example with its supervised part marked
+
+    def __post_init__(self):
+        c = self
+        check_ranges(c, {
+            "mode": (c.mode in ("pretrain", "sft"), "pretrain or sft"),
+            "batch_size": (c.batch_size >= 1, ">= 1"), "grad_accum": (c.grad_accum >= 1, ">= 1"),
+            "max_steps": (c.max_steps >= 1, ">= 1"), "seq_len": (c.seq_len >= 2, ">= 2"),
+            "lr": (c.lr > 0, "> 0"), "min_lr": (0 <= c.min_lr <= c.lr, "between 0 and --lr"),
+            "warmup_steps": (c.warmup_steps >= 0, ">= 0"), "weight_decay": (c.weight_decay >= 0, ">= 0"),
+            "beta1": (0 <= c.beta1 < 1, "in [0, 1)"), "beta2": (0 <= c.beta2 < 1, "in [0, 1)"),
+            "grad_clip": (c.grad_clip > 0, "> 0"), "dropout": (0 <= c.dropout < 1, "in [0, 1)"),
+            "eval_frac": (0 <= c.eval_frac < 1, "in [0, 1)"), "eval_every": (c.eval_every >= 0, ">= 0"),
+            "eval_batches": (c.eval_batches >= 1, ">= 1"), "save_every": (c.save_every >= 0, ">= 0"),
+            "corpus_docs": (c.corpus_docs >= 2, ">= 2"), "ift": (c.ift >= 1, ">= 1"), "eft": (c.eft >= 0, ">= 0"),
+            "vocab_size": (c.vocab_size >= 260, ">= 260: 256 bytes and 4 special tokens"),
+            "dim": (c.dim >= 1 and c.dim % c.n_heads == 0, "a multiple of --n_heads"),
+            "n_heads": (c.n_heads >= 1 and c.n_heads % max(1, c.n_kv_heads) == 0, "a multiple of --n_kv_heads"),
+            "n_kv_heads": (c.n_kv_heads >= 1, ">= 1"), "n_layers": (c.n_layers >= 1, ">= 1"),
+            "max_seq_len": (c.max_seq_len >= 0, ">= 0"),
+        })
 
 
 # -----------------------------------------------------------------------------
@@ -91,10 +111,15 @@ def world_corpus(cfg: SFTConfig) -> tuple[list[str], list[str]]:
 
 
 def text_corpus(path: str, eval_frac: float) -> tuple[list[str], list[str]]:
-    with open(path, encoding="utf-8") as f:
-        docs = [d.strip() for d in f.read().split("\n\n") if d.strip()]
+    if not os.path.isfile(path):
+        raise UserError(f"--data {path}: no such file (pretraining reads a .txt file)")
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            docs = [d.strip() for d in f.read().split("\n\n") if d.strip()]
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not valid UTF-8 (byte offset {e.start}); save the file as UTF-8") from None
     if len(docs) < 2:
-        raise ValueError(f"{path}: need at least 2 documents (separated by blank lines)")
+        raise UserError(f"{path}: need at least 2 documents (separated by blank lines)")
     n_eval = max(1, int(len(docs) * eval_frac))
     return docs[n_eval:], docs[:n_eval]
 
@@ -127,18 +152,13 @@ def encode_examples(tok: Tokenizer, pairs, max_len: int, what: str, required: bo
     if len(kept) < len(out):
         print(f"{what}: dropped {len(out) - len(kept)} of {len(out)} examples longer than {max_len} tokens")
     if required and not kept:
-        raise ValueError(f"{what}: no example fits in {max_len} tokens")
+        raise UserError(f"{what}: no example fits in {max_len} tokens")
     return kept
 
 
 def sft_batch(examples, batch_size: int, seed: int, i: int, pad_id: int):
-    """The i-th batch of shuffled, right-padded examples; epochs follow each other, each in a
-    fixed order per (seed, epoch). A pure function of i, so --resume sees the same batches."""
-    per_epoch = len(examples) // batch_size
-    epoch, j = divmod(i, per_epoch)
-    order = list(range(len(examples)))
-    random.Random(seed * 1000 + epoch).shuffle(order)
-    chunk = [examples[k] for k in order[j * batch_size : (j + 1) * batch_size]]
+    """The i-th batch of shuffled, right-padded examples (see data.epoch_batch)."""
+    chunk = [examples[k] for k in epoch_batch(len(examples), batch_size, seed, i)]
     return pad_batch([c[0] for c in chunk], pad_id, "right", [c[1] for c in chunk])
 
 
@@ -168,27 +188,24 @@ def stream_loss(model, x, y):
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
-def lr_at(step: int, cfg: SFTConfig) -> float:
-    """Linear warm-up, then linear decay to min_lr at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    frac = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    return cfg.lr + (cfg.min_lr - cfg.lr) * min(1.0, frac)
+def backward(model, batches, device) -> float:
+    """Backpropagate one optimiser step's micro-batches [(x, y, None) for pretraining windows,
+    (ids, None, loss_mask) for SFT]; returns the step's loss.
 
-
-# -----------------------------------------------------------------------------
-# Checkpoints
-
-
-def save(model, tok, cfg: SFTConfig, optimizer, step: int):
-    """out_dir/model/: weights, tokenizer, resolved config and the trainer state, written
-    atomically as one directory."""
-    buf = io.BytesIO()
-    torch.save({"step": step, "optimizer": optimizer.state_dict()}, buf)
-    model.save_pretrained(os.path.join(cfg.out_dir, "model"), tok, extra_files={
-        "train_config.json": json.dumps(dataclasses.asdict(cfg), indent=2),
-        "trainer_state.pt": buf.getvalue(),
-    })
+    Gradient accumulation: the step's loss is the mean over ALL its targets, so each
+    micro-batch counts by its share of them. (In SFT replies differ in length; a plain mean
+    of micro-batch means would make batch 1 x accum 2 differ from batch 2 x accum 1.)"""
+    counts = [y.numel() if m is None else int(m[:, 1:].sum()) for x, y, m in batches]
+    total = 0.0
+    for (x, y, m), n in zip(batches, counts):
+        if n == 0:
+            continue
+        with autocast(device):
+            loss = stream_loss(model, x, y) if m is None else lm_loss(model, x, None, m)
+        weight = n / sum(counts)
+        (loss * weight).backward()
+        total += loss.item() * weight
+    return total
 
 
 # -----------------------------------------------------------------------------
@@ -197,28 +214,24 @@ def save(model, tok, cfg: SFTConfig, optimizer, step: int):
 
 def main(cfg: SFTConfig) -> str:
     """Train; returns the checkpoint directory."""
-    assert cfg.mode in ("pretrain", "sft"), cfg.mode
     device = get_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    ckpt_dir = os.path.join(cfg.out_dir, "model")
 
-    # data first: a bad file fails here, before any model is built
+    # data first: a bad file fails here, before any model is built or anything is written
     if cfg.mode == "pretrain":
         train_docs, eval_docs = text_corpus(cfg.data, cfg.eval_frac) if cfg.data else world_corpus(cfg)
     else:
         train_pairs, eval_pairs = file_examples(cfg.data, cfg.eval_frac, cfg.seed) if cfg.data else world_examples(cfg)
+    if cfg.mode == "sft" and not cfg.init and not cfg.resume:
+        raise UserError("sft needs --init (a pretrained checkpoint directory)")
+    ckpt_dir = prepare_out_dir(cfg)
 
     # tokenizer and model
     start_from = ckpt_dir if cfg.resume else cfg.init
-    if cfg.resume and not os.path.exists(os.path.join(ckpt_dir, "trainer_state.pt")):
-        raise FileNotFoundError(f"--resume: no checkpoint with trainer state in {ckpt_dir}")
     if start_from:
-        tok = load_tokenizer(start_from)
-        model = Transformer.from_pretrained(start_from, dropout=cfg.dropout)
+        overrides = {"max_seq_len": cfg.max_seq_len} if cfg.max_seq_len else {}
+        model, tok = load_checkpoint(start_from, dropout=cfg.dropout, **overrides)
     else:
-        if cfg.mode != "pretrain":
-            raise ValueError("sft needs --init (a pretrained checkpoint directory)")
         texts = list(train_docs)
         if not cfg.data:
             # the judge's words (rubric, reason lines) must get tokens of their own, or a
@@ -227,14 +240,18 @@ def main(cfg: SFTConfig) -> str:
         tok = train_tokenizer(texts, cfg.vocab_size)
         model = Transformer(ModelConfig(
             vocab_size=tok.vocab_size, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-            n_kv_heads=cfg.n_kv_heads, max_seq_len=cfg.max_seq_len, dropout=cfg.dropout,
+            n_kv_heads=cfg.n_kv_heads, max_seq_len=cfg.max_seq_len or 256, dropout=cfg.dropout,
             bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id))
     model.to(device)
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, vocab {tok.vocab_size}, device {device}")
 
     if cfg.mode == "pretrain":
+        if cfg.seq_len >= model.config.max_seq_len:
+            raise UserError(f"--seq_len {cfg.seq_len} must be below the model's context ({model.config.max_seq_len})")
         train_stream = encode_documents(tok, train_docs)
         eval_stream = encode_documents(tok, eval_docs)
+        if len(train_stream) <= cfg.seq_len + 1:
+            raise UserError(f"the corpus has {len(train_stream)} tokens, fewer than one --seq_len {cfg.seq_len} window")
         if len(eval_stream) <= cfg.seq_len + 1:
             eval_stream = train_stream  # tiny user corpora: evaluate on training text
         print(f"corpus: {len(train_docs)} documents, {len(train_stream)} tokens (eval {len(eval_stream)})")
@@ -245,33 +262,20 @@ def main(cfg: SFTConfig) -> str:
         if not eval_ex:
             print("eval: no held-out example fits the context; the eval loss uses training examples")
             eval_ex = train_ex[: cfg.batch_size]
+        if cfg.batch_size > len(train_ex):
+            raise UserError(f"--batch_size {cfg.batch_size} > {len(train_ex)} training examples")
         steps_per_epoch = max(1, len(train_ex) // cfg.batch_size)
         n_sup = sum(sum(m) for _, m in train_ex)
         print(f"sft: {len(train_ex)} examples, {n_sup} supervised tokens; {steps_per_epoch} batches per epoch, "
               f"{cfg.max_steps * cfg.grad_accum / steps_per_epoch:.1f} epochs")
         if cfg.show_example:
             print("one example, the unsupervised part in ⟦ ⟧:\n" + show_supervision(tok, *train_ex[0]))
-        if cfg.batch_size > len(train_ex):
-            raise ValueError(f"batch_size {cfg.batch_size} > {len(train_ex)} training examples")
 
-    # AdamW with decay on matrices only (not on norms, biases)
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                  fused=device.type == "cuda")
+    optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)
     step = 0
     if cfg.resume:
-        state = torch.load(os.path.join(ckpt_dir, "trainer_state.pt"), map_location=device, weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
+        step = load_trainer_state(cfg, optimizer, device)["step"]
         print(f"resumed at step {step}")
-        # rows logged after the checkpoint (a crash between saves) are redone: drop them
-        metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-        if os.path.exists(metrics_path):
-            with open(metrics_path) as f:
-                rows = [json.loads(r) for r in f if r.strip()]
-            write_jsonl(metrics_path, [r for r in rows if r["step"] <= step])
         if step >= cfg.max_steps:
             print(f"nothing to do: the checkpoint is at max_steps={cfg.max_steps}")
             return ckpt_dir
@@ -280,15 +284,18 @@ def main(cfg: SFTConfig) -> str:
     def micro_batches(step):
         """The grad_accum micro-batches of an optimizer step, a pure function of the step
         (so --resume continues exactly where the run stopped)."""
+        out = []
         for k in range(cfg.grad_accum):
             i = step * cfg.grad_accum + k
             if cfg.mode == "pretrain":
                 gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
                 x, y = stream_batch(train_stream, cfg.batch_size, cfg.seq_len, gen)
-                yield x.to(device), y.to(device), None
+                out.append((x.to(device), y.to(device), None))
             else:
-                ids, attn, loss_mask = sft_batch(train_ex, cfg.batch_size, cfg.seed, i, tok.pad_id)
-                yield ids.to(device), attn.to(device), loss_mask.to(device)
+                ids, _, loss_mask = sft_batch(train_ex, cfg.batch_size, cfg.seed, i, tok.pad_id)
+                # right padding: plain causal attention is exact for the real tokens
+                out.append((ids.to(device), None, loss_mask.to(device)))
+        return out
 
     @torch.no_grad()
     def evaluate():
@@ -309,23 +316,19 @@ def main(cfg: SFTConfig) -> str:
         model.train()
         return sum(losses) / len(losses)
 
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     model.train()
     pbar = tqdm(range(step, cfg.max_steps), initial=step, total=cfg.max_steps, desc=cfg.mode, dynamic_ncols=True)
     t0, tokens = time.time(), 0
     for step in pbar:
         torch.manual_seed(cfg.seed + step)  # dropout masks: a function of the step, for --resume
-        lr = lr_at(step, cfg)
+        lr = lr_schedule(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        total = 0.0
-        for a, b, c in micro_batches(step):
-            with autocast(device):
-                loss = stream_loss(train_model, a, b) if c is None else lm_loss(train_model, a, None, c)
-            (loss / cfg.grad_accum).backward()
-            total += loss.item() / cfg.grad_accum
-            tokens += a.numel()
+        batches = micro_batches(step)
+        total = backward(train_model, batches, device)
+        tokens += sum(a.numel() for a, _, _ in batches)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        check_finite(step + 1, cfg.out_dir, loss=total, grad_norm=grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         pbar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}")
@@ -333,16 +336,16 @@ def main(cfg: SFTConfig) -> str:
         last = step + 1 == cfg.max_steps
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
             row["eval_loss"] = evaluate()
+            check_finite(step + 1, cfg.out_dir, eval_loss=row["eval_loss"])
             row["tokens_per_s"] = tokens / (time.time() - t0)
             tqdm.write(f"step {step + 1}: loss {total:.4f} eval_loss {row['eval_loss']:.4f} "
                        f"({row['tokens_per_s']:.0f} tok/s)")
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        log_metrics(cfg.out_dir, row)
         if last or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-            save(model, tok, cfg, optimizer, step + 1)
+            save_checkpoint(model, tok, cfg, optimizer, step + 1)
     print(f"saved {ckpt_dir}")
     return ckpt_dir
 
 
 if __name__ == "__main__":
-    main(parse_config(SFTConfig, __doc__))
+    cli(main, SFTConfig, __doc__)

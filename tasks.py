@@ -27,6 +27,7 @@ import os
 import random
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 
 # -----------------------------------------------------------------------------
 # 1. The lexicon and the task families
@@ -212,16 +213,40 @@ def make_task(family, args, phrasing=0, comma=False):
 # -----------------------------------------------------------------------------
 # 2. Sampling, the held-out split, parsing prompts back into tasks
 
-HELDOUT_PER_MILLE = 100  # 10% of all (family, args) pairs are reserved for evaluation
+HELDOUT_PER_MILLE = 100  # 10% of all tasks are reserved for evaluation
+
+
+def canonical_args(family, args):
+    """The args with every order that cannot change the answer sorted away.
+
+    "Add 3 and 5" and "add 5 and 3" are one task: same answer, and a model that has trained
+    on one has seen the other. So add takes its two numbers as an unordered pair, sorting,
+    max, min and length take their list as a multiset, and count its list as a multiset.
+    In reverse, sub, first_k, last_k and repeat the order is part of the question."""
+    if family == "add":
+        return tuple(sorted(args))
+    if family in ("sort_asc", "sort_desc", "max", "min", "length"):
+        return (tuple(sorted(args[0])),)
+    if family == "count":
+        return (args[0], tuple(sorted(args[1])))
+    return args
+
+
+def task_key(task):
+    """A task's identity: (family, canonical args). Tasks with the same key have the same
+    answer; they differ only in phrasing or in an order the answer ignores. Use it to dedup
+    tasks and to tell whether a new prompt is a held-out task or one seen before."""
+    return (task.family, canonical_args(task.family, task.args))
 
 
 def is_heldout(task):
     """True if the task belongs to the held-out evaluation split.
 
-    The split is a stable hash of (family, args), not of the prompt text, so rephrasing a
-    held-out task does not smuggle it into training. hashlib, because Python's hash() is
-    salted per process."""
-    key = f"{task.family}|{task.args!r}".encode()
+    The split is a stable hash of the task's identity (task_key), not of the prompt text:
+    neither rephrasing a held-out task nor swapping "3 and 5" smuggles it into training.
+    hashlib, because Python's hash() is salted per process."""
+    family, args = task_key(task)
+    key = f"{family}|{args!r}".encode()
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") % 1000 < HELDOUT_PER_MILLE
 
 
@@ -341,59 +366,144 @@ def parse_task(prompt):
 # -----------------------------------------------------------------------------
 # 3. The oracle grader
 #
-# Answer extraction. The response is split into tokens: integers, words and single
-# punctuation marks. A "run" is a maximal sequence of answer items -- numbers for number
-# families, lexicon words for word families -- separated only by spaces, commas or "and".
-# Anything else (a full stop, a non-lexicon word, a colon) ends the run.
-#   * list families: the answer is the LAST run with at least 2 items;
-#   * number families: the answer is the LAST run, and it must be a single number.
-# "Last" because models (and people) state the final answer at the end: in
-# "The sum of 5 and 7 is 12." the answer is 12, not 5.
+# Answer extraction: find the answer the way a careful human grader would -- read the
+# response's answer STATEMENT, ignore the parts that only repeat the question, and give no
+# credit to a response that offers several answers.
+#
+# Tokens are numbers, words and single punctuation marks. A number may have a sign and a
+# decimal part: "12.0" is the number 12, "12.5" is a number but never a whole answer.
+# A hyphen right after a digit is not a minus sign, so "1-3-5" reads as 1, 3, 5.
+# A "run" is a maximal sequence of answer items -- numbers for number families, lexicon
+# words for word families -- joined only by spaces or separators: "," ";" "and" "-".
+# Anything else (a full stop, "or", a non-lexicon word, a colon) ends the run.
+# A run is STATED when it comes right after an answer cue: ":" "=" "is" "are" "has"
+# "equals" (every family's own answer phrase ends in one: "The sum is", "Sorted:", "First 2:",
+# "The list has"; an opening bracket or quote may stand in between) -- except in a question:
+# a sentence that ends with "?" states nothing ("What is 70 minus 0?" does not answer 70).
+# A run is OFFERED when "or", "/", "maybe", "perhaps", "possibly" or "either" stands between
+# it and a neighbouring run: "12 or 13", "Sorted: 2 5 9. Maybe 5 2 9." put both forward.
+# A run QUOTES the question when it is the task's input list exactly as given, or one or both
+# numbers of add / sub, and is neither stated nor offered: it is the question mentioned, as in
+# "The largest is 97 in 5 97 12." or "The sum is 12. (5 + 7)". A statement is always taken
+# at its word, even when it repeats the input.
+#
+# Only runs that can be answers take part: for list families runs of >= 2 items, for number
+# families every run (a run of several numbers then fails "relevant"). Then:
+#   1. drop the runs that quote the question, unless nothing else is left;
+#   2. the answer is the LAST stated run -- a later statement corrects an earlier one
+#      ("Sorted: 9 5 2. No wait: 2 5 9.") -- or, with no statement at all, the last run;
+#   3. the response offers several answers if another (non-quoting) run with other items comes
+#      after the answer, or, with no statement, anywhere: "The sum is 12 or 13.", "13 or 12".
+#      Offering several answers is not answering: it fails "relevant", as "12 30" does.
+# In "The sum of 5 and 7 is 12." the answer is 12: "5 and 7" only quotes the question.
 #
 # Rubric (additive, strictly cumulative: a point is given only if all earlier points were,
 # so 0..5 are ordered quality levels and the judge's job is "find the first failure"):
-#   1 relevant        an answer of the right kind (a list of >= 2 items / exactly one number)
+#   1 relevant        one answer of the right kind (a list of >= 2 items / one number)
 #   2 substantial     right shape: right number of items / within `far` of the answer
 #   3 basic elements  right content: same items as expected (any order) / within `near`
 #   4 correct         the exact answer
 #   5 impeccable      the whole response is the gold sentence (whitespace aside): correct,
 #                     stated once, nothing extra, ends with a full stop
+# Extra text around a correct answer therefore costs only the fifth point.
 
-_TOKEN_RE = re.compile(r"-?[0-9]+|[A-Za-z]+|\S")
+_TOKEN_RE = re.compile(r"(?P<num>(?<![0-9])-?[0-9]+(?:\.[0-9]+)?)|(?P<word>[A-Za-z]+)|\S")
+_SEPARATORS = {",", ";", "and", "-"}
+_CUES = {":", "=", "is", "are", "has", "equals"}
+_BRACKETS = {"(", "[", '"', "'"}  # may stand between a cue and its run: "Sorted: [2, 5, 9]"
+_HEDGES = {"or", "/", "maybe", "perhaps", "possibly", "either"}
+
+
+@dataclass
+class Run:
+    """A run of answer items (see the extraction rule above)."""
+    items: tuple
+    stated: bool   # right after an answer cue, outside a question
+    offered: bool  # next to "or", "maybe"...: put forward as an answer, never a quote
+
+
+def _item(match, kind):
+    """The answer item a token stands for, or None."""
+    if kind == "word_list":
+        word = (match.group("word") or "").lower()
+        return word if word in _LEXICON_SET else None
+    num = match.group("num")
+    if num is None or len(num) > 24:  # a 5000-digit blob is no number
+        return None
+    if "." not in num:
+        return int(num)
+    value = Fraction(num)  # exact, so "12.000000000000000001" is not 12
+    return int(value) if value.denominator == 1 else value
 
 
 def _runs(text, kind):
     """All runs of answer items in the text, in order (see the extraction rule above)."""
-    runs, cur = [], []
+    runs, items = [], []  # items: the run being read
+    stated = offered = hedge = False  # hedge: "or", "maybe"... seen since the last run
+    before, sentence = None, 0  # the last token outside a run; where this sentence's runs start
     for m in _TOKEN_RE.finditer(text):
-        tok = m.group()
-        item = None
-        if kind == "word_list":
-            if tok.lower() in _LEXICON_SET:
-                item = tok.lower()
-        elif "0" <= tok[-1] <= "9" and len(tok) <= 10:  # ASCII; a 5000-digit blob is no number
-            item = int(tok)
+        tok = m.group().lower()
+        item = _item(m, kind)
         if item is not None:
-            cur.append(item)
-        elif cur and (tok == "," or tok.lower() == "and"):
+            if not items:
+                stated, offered = before in _CUES, hedge
+                if hedge and runs:
+                    runs[-1].offered = True  # "X or Y" offers both
+            items.append(item)
+            continue
+        if items and tok in _SEPARATORS:
             continue  # separators keep the run open
-        elif cur:
-            runs.append(tuple(cur))
-            cur = []
-    if cur:
-        runs.append(tuple(cur))
+        if items:
+            runs.append(Run(tuple(items), stated, offered))
+            items, hedge = [], False
+        hedge = hedge or tok in _HEDGES
+        if tok == "?":  # a question states nothing: "What is 70 minus 0?" does not answer 70
+            for r in runs[sentence:]:
+                r.stated = False
+        if tok in (".", "!", "?"):
+            sentence = len(runs)
+        if tok not in _BRACKETS:
+            before = tok
+    if items:
+        runs.append(Run(tuple(items), stated, offered))
     return runs
 
 
-def _list_checks(task, runs, norm):
+def _given_runs(task):
+    """The runs that repeat the question's input: its list, or add / sub's numbers."""
+    if task.family in ("add", "sub"):
+        a, b = task.args
+        return {(a,), (b,), (a, b), (b, a)}
+    return {arg for arg in task.args if isinstance(arg, tuple)}
+
+
+def _find_answer(task, runs):
+    """(the answer run's items or None, True if the response offers several answers)."""
+    if SPECS[task.family].kind != "number":
+        runs = [r for r in runs if len(r.items) >= 2]  # only a list can answer a list task
+    if not runs:
+        return None, False
+    given = _given_runs(task)
+    own = [r for r in runs if r.stated or r.offered or r.items not in given]
+    if not own:  # nothing but the question mentioned: grade what was mentioned last
+        return runs[-1].items, False
+    stated = [i for i, r in enumerate(own) if r.stated]
+    i = stated[-1] if stated else len(own) - 1
+    rivals = own[i + 1:] if stated else own[:i]
+    return own[i].items, any(r.items != own[i].items for r in rivals)
+
+
+def _list_checks(task, got, several, runs, norm):
     """Yield (ok, reason) for each criterion of a list family, stopping at the first miss."""
     noun = "words" if SPECS[task.family].kind == "word_list" else "numbers"
-    lists = [r for r in runs if len(r) >= 2]
-    if not lists:
+    if got is None:
         yield False, f"no list of {noun}"
         return
+    if several:
+        yield False, "several lists, not one"
+        return
     yield True, f"gives a list of {noun}"
-    got, ans = lists[-1], task.answer
+    ans = task.answer
     if len(got) != len(ans):
         yield False, "wrong number of items"
         return
@@ -418,13 +528,12 @@ def _list_checks(task, runs, norm):
     yield _impeccable(task, runs, got, norm)
 
 
-def _number_checks(task, runs, norm):
+def _number_checks(task, got, several, runs, norm):
     """Yield (ok, reason) for each criterion of a number family, stopping at the first miss."""
-    if not runs:
+    if got is None:
         yield False, "no number given"
         return
-    got = runs[-1]
-    if len(got) != 1:
+    if len(got) != 1 or several:
         yield False, "several numbers, not one"
         return
     yield True, "gives one number"
@@ -438,7 +547,7 @@ def _number_checks(task, runs, norm):
         return
     yield True, "off by at most one"
     if err:
-        yield False, "off by one"
+        yield False, "off by one" if err == 1 else "not a whole number"
         return
     yield True, "exact answer"
     yield _impeccable(task, runs, got, norm)
@@ -448,11 +557,11 @@ def _impeccable(task, runs, got, norm):
     """The fifth point: the response (whitespace collapsed) is exactly the gold sentence."""
     if norm == task.gold:
         return True, "clean, stated once"
-    if sum(r == got for r in runs) >= 2:
+    if sum(r.items == got for r in runs) >= 2:
         return False, "answer stated twice"
     if norm == task.gold[:-1]:
         return False, "missing final period"
-    if task.gold in norm:
+    if f" {task.gold} " in f" {norm} ":  # the gold sentence, whole, inside more text
         return False, "extra text around the answer"
     return False, "not in the expected form"
 
@@ -465,8 +574,9 @@ def grade(task, response):
         response = str(response)
     kind = SPECS[task.family].kind
     runs = _runs(response, kind)
+    got, several = _find_answer(task, runs)
     norm = " ".join(response.split())
-    checks = (_number_checks if kind == "number" else _list_checks)(task, runs, norm)
+    checks = (_number_checks if kind == "number" else _list_checks)(task, got, several, runs, norm)
     points, reasons = 0, []
     for name, (ok, why) in zip(CRITERIA, checks):
         reasons.append(f"+{int(ok)} {name}: {why}")
@@ -607,7 +717,7 @@ def corrupt(task, rng, kind):
 #
 # Every generator derives its own random stream from (name, seed), so pretrain_corpus(1)
 # and ift_seed(1) are unrelated. Train generators draw only non-held-out tasks and
-# eval generators only held-out ones, so the two never share a (family, args) pair.
+# eval generators only held-out ones, so the two never share a task (a task_key).
 
 # How the "web" answers: ~40% gold, the rest the typical mistakes of a weak model.
 CORPUS_MIX = {
@@ -739,31 +849,48 @@ def eft_seed(seed, n, template):
     return out
 
 
+def _new_heldout_task(rng, family, seen, tries=500):
+    """A held-out task of `family` whose task_key is not in `seen`, or None if `tries` draws
+    in a row found none (the family has run out: repeat has only about a dozen)."""
+    for _ in range(tries):
+        task = sample_task(rng, family, split="heldout")
+        if task_key(task) not in seen:
+            return task
+    return None
+
+
 def eval_prompts(seed, n):
-    """n distinct held-out tasks, families in turn (balanced), for instruction following."""
+    """n distinct held-out tasks for instruction following, families in turn (balanced).
+
+    Distinct means distinct tasks (task_key), not distinct prompt strings: "Add 3 and 5." and
+    "What is 5 plus 3?" are one task and would be counted twice. A small family runs out of
+    held-out tasks (repeat has only about a dozen); once it does, it is dropped and the other
+    families fill the rest, still in turn. So per-family counts differ by at most one except
+    for families that have no held-out task left. Deterministic in seed."""
     rng = _rng("eval", seed)
-    out, seen = [], set()
+    out, seen, families = [], set(), list(FAMILIES)
     while len(out) < n:
-        before = len(out)
-        for family in FAMILIES:
+        if not families:
+            raise RuntimeError(f"only {len(out)} distinct held-out tasks exist; asked for {n}")
+        for family in list(families):  # a copy: exhausted families are removed on the way
             if len(out) == n:
                 break
-            for _ in range(200):  # small families (repeat) can run out of new prompts
-                task = sample_task(rng, family, split="heldout")
-                if task.prompt not in seen:
-                    seen.add(task.prompt)
-                    out.append(task)
-                    break
-        if len(out) == before:
-            raise RuntimeError(f"only {before} distinct held-out prompts exist; asked for {n}")
+            task = _new_heldout_task(rng, family, seen)
+            if task is None:
+                families.remove(family)
+                continue
+            seen.add(task_key(task))
+            out.append(task)
     return out
 
 
 def eft_eval_set(seed, n_prompts, k):
     """Held-out reward-modeling set: per prompt, k distinct responses and their points.
 
-    Responses are drawn from all corruption kinds; while possible, each new response must
-    also have a new score, so every prompt gets a spread of quality levels to rank."""
+    The prompts are eval_prompts(seed, n_prompts): distinct held-out tasks, families in turn
+    until a small family runs out. Responses are drawn from all corruption kinds; while
+    possible, each new response must also have a new score, so every prompt gets a spread
+    of quality levels to rank."""
     rng = _rng("eft_eval", seed)
     out = []
     for task in eval_prompts(seed, n_prompts):

@@ -9,6 +9,7 @@ import torch
 import data as D
 from data import (
     DataError,
+    UserError,
     Example,
     Preference,
     decode_response,
@@ -139,8 +140,14 @@ def test_load_chatml_tokenizer_uses_im_end_as_eos(tmp_path):
 
 
 def test_load_tokenizer_missing_file(tmp_path):
-    """A directory without tokenizer.json is a FileNotFoundError that names the file."""
-    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+    """A directory without tokenizer.json, a path that does not exist and a tokenizer.json
+    that is not one are user errors that name the path."""
+    with pytest.raises(UserError, match="tokenizer.json"):
+        load_tokenizer(str(tmp_path))
+    with pytest.raises(UserError, match="no such file or directory"):
+        load_tokenizer(str(tmp_path / "nowhere"))
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"tokenizer\.json: not a readable tokenizer"):
         load_tokenizer(str(tmp_path))
 
 
@@ -372,10 +379,33 @@ def test_empty_file_is_an_error(tmp_path, loader, content):
     assert "no data" in str(e.value)
 
 
-def test_missing_file_is_file_not_found(tmp_path):
-    """A path that does not exist is FileNotFoundError naming it."""
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+def test_missing_file_or_directory_is_a_data_error_naming_it(tmp_path):
+    """A path that does not exist, or a directory, is a DataError naming the path."""
+    with pytest.raises(DataError, match="nope.jsonl: no such file"):
         load_sft_data(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(DataError, match="is a directory"):
+        load_preference_data(str(tmp_path))
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path):
+    """A byte that is not UTF-8 on line 3 is a DataError 'path:3:', not a bare UnicodeDecodeError."""
+    path = tmp_path / "latin1.jsonl"
+    good = [json.dumps({"prompt": "p", "response": "r"}).encode()] * 2
+    lines = good + ['{"prompt": "caf\u00e9", "response": "ok"}'.encode("latin-1")]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(DataError) as e:
+        load_sft_data(str(path))
+    assert str(e.value).startswith(f"{path}:3: not valid UTF-8"), str(e.value)
+
+
+def test_utf8_byte_order_mark_is_accepted(tmp_path):
+    """A file saved with a UTF-8 BOM (as some editors do) reads like one without."""
+    plain, bom = tmp_path / "plain.jsonl", tmp_path / "bom.jsonl"
+    text = "\n".join(json.dumps(r) if isinstance(r, dict) else r for r in GOOD_SFT) + "\n"
+    plain.write_text(text, encoding="utf-8")
+    bom.write_text(text, encoding="utf-8-sig")
+    assert bom.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert load_sft_data(str(bom)) == load_sft_data(str(plain))
 
 
 def test_data_error_is_a_value_error():

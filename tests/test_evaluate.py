@@ -40,6 +40,8 @@ from model import ModelConfig, Transformer, generate
     ("Score: 5\nOn reflection, final Score: 0", 0.0),
     ("Score (0-5): 4", 4.0),  # the stated range is not the score
     ("Score [1-5]: 3", 3.0),
+    ("Score: 4. That explains the score.", 4.0),  # "score" in prose is no statement
+    ("So the score is 3.", 3.0),
 ])
 def test_parse_score_reads_the_last_score(text, expected):
     """parse_score reads the number after the last 'score' (case-insensitive, markdown, '/5' tolerated)."""
@@ -51,6 +53,8 @@ def test_parse_score_reads_the_last_score(text, expected):
     None, "", "   ", "The response is fine.", "Points: 4", "4/5", "Score:", "Score: none",
     "Score: 7", "Score: 10/5", "Score: 5.5", "Score: 4\nScore: 9",  # last match out of range
     "asdf qwer 12345 !!",
+    "Score: 3 ... on reflection, Score: 3-5",  # the final statement is unreadable: not the earlier 3
+    "Score: 4\nScore: none", "Score: 2\n**Score:**", "Score: 4\nScore: 4/10",
 ])
 def test_parse_score_failures_are_none(text):
     """No score, garbage or an out-of-range last score gives None, never a number."""
@@ -373,3 +377,50 @@ def test_judged_head_to_head_missing_response_is_a_tie_not_judged(monkeypatch):
     monkeypatch.setattr(evaluate, "judge", fake_judge)
     h = evaluate.judged_head_to_head(None, None, "t", ["p0", "p1"], ["a", None], ["b", "b"])
     assert (h["win"], h["tie"], h["loss"]) == (50.0, 50.0, 0.0)
+
+
+# -----------------------------------------------------------------------------
+# Uncertainty: paired bootstrap, sign test
+
+
+def test_sign_test_hand_values():
+    """Exact two-sided binomial: 9 wins 1 loss -> 2 * (1 + 10) / 1024; ties are not counted."""
+    assert evaluate.sign_test(9, 1) == pytest.approx(22 / 1024)
+    assert evaluate.sign_test(5, 5) == 1.0 and evaluate.sign_test(0, 0) == 1.0
+    assert evaluate.sign_test(0, 6) == pytest.approx(2 / 64)
+
+
+def test_bootstrap_interval_covers_the_mean_and_shrinks_with_more_prompts():
+    """The interval holds the sample mean; 4x the prompts gives about half the width (1/sqrt n);
+    a constant sample has a zero-width interval."""
+    rng = random.Random(0)
+    small = [rng.choice([0, 1, 2, 5]) for _ in range(100)]
+    m, lo, hi = evaluate.bootstrap_mean(small)
+    assert lo < m < hi and m == pytest.approx(sum(small) / 100)
+    m4, lo4, hi4 = evaluate.bootstrap_mean(small * 4)
+    assert 0.4 < (hi4 - lo4) / (hi - lo) < 0.6
+    assert evaluate.bootstrap_mean([3.0] * 50) == (3.0, 3.0, 3.0)
+
+
+def test_compare_is_paired():
+    """B = A + 1 on every prompt: unpaired intervals of two noisy score lists would overlap, the
+    paired difference is exactly 1 with a zero-width interval; every prompt is a loss for A."""
+    rng = random.Random(1)
+    a = [rng.randint(0, 4) for _ in range(60)]
+    c = evaluate.compare(a, [x + 1 for x in a])
+    assert c["mean_diff"] == -1 and c["mean_diff_ci"] == [-1, -1]
+    assert c["loss"] == 100 and c["margin"] == -100 and c["sign_test_p"] < 1e-15
+
+
+def test_judged_head_to_head_passes_temperature_and_top_p(monkeypatch):
+    """--temperature and --top_p reach the judge's sampling (they were ignored)."""
+    seen = []
+
+    def fake_judge(*a, **kw):
+        seen.append((kw["temperature"], kw["top_p"]))
+        return [evaluate.Judgment(3.0, [3.0], ["Score: 3"])] * len(a[3])
+
+    monkeypatch.setattr(evaluate, "judge", fake_judge)
+    evaluate.judged_head_to_head(None, None, "{instruction}{response}", ["p"], ["a"], ["b"],
+                                 temperature=1.3, top_p=0.5)
+    assert seen == [(1.3, 0.5), (1.3, 0.5)]

@@ -59,17 +59,25 @@ def make_model(seed: int = 0, **overrides) -> Transformer:
     return randomize_(Transformer(tiny_config(**overrides)), seed).eval()
 
 
+class _EOSBiased(Transformer):
+    """A Transformer whose EOS logit is raised by a constant."""
+
+    def forward(self, *args, return_hidden=False, **kwargs):
+        out = super().forward(*args, return_hidden=return_hidden, **kwargs)
+        if not return_hidden:
+            out = out.clone()
+            out[..., self.eos_id] += self.eos_bias
+        return out
+
+
 def make_eos_model(eos_id: int, bias: float, seed: int = 0) -> Transformer:
-    """An untied model whose lm_head carries a bias on the EOS logit, so that greedy and sampled
-    rows stop at different steps (some early, some never)."""
+    """An untied model with a bias on the EOS logit, so that greedy and sampled rows stop at
+    different steps (some early, some never)."""
     m = make_model(seed, tie_embeddings=False)
-    head = nn.Linear(m.config.dim, V, bias=True)
-    with torch.no_grad():
-        head.weight.copy_(m.lm_head.weight)
-        head.bias.zero_()
-        head.bias[eos_id] = bias
-    m.lm_head = head
-    return m.eval()
+    biased = _EOSBiased(m.config)
+    biased.load_state_dict(m.state_dict())
+    biased.eos_id, biased.eos_bias = eos_id, bias
+    return biased.eval()
 
 
 def rand_prompts(lengths, seed=0, low=3):
@@ -471,6 +479,84 @@ def test_generate_checks_length_budget():
     assert gen.tokens.shape == (1, 6) and not gen.finished[0]
 
 
+@pytest.mark.parametrize("kw, what", [
+    (dict(temperature=-0.5), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-1), "top_k"), (dict(num_samples=0), "num_samples"), (dict(max_new_tokens=0), "max_new_tokens")])
+def test_generate_rejects_bad_sampling_arguments(kw, what):
+    """Out-of-range sampling settings are refused with a message naming them, not turned into
+    garbage (top_p = 0 would mask every token; a negative temperature flips the distribution)."""
+    m = make_model()
+    args = dict(max_new_tokens=4, eos_id=EOS, pad_id=PAD) | kw
+    with pytest.raises(ValueError, match=what):
+        generate(m, [[5, 6, 7]], **args)
+
+
+def test_generate_rejects_a_right_padded_tensor_prompt():
+    """A right-padded tensor would put the first new token after the padding: refused."""
+    m = make_model()
+    ids = torch.tensor([[5, 6, 7], [5, 6, PAD]])
+    with pytest.raises(ValueError, match="LEFT-padded"):
+        generate(m, ids, 4, EOS, PAD, attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]))
+
+
+def test_generate_restores_training_mode_when_it_raises(monkeypatch):
+    """A failure inside sampling leaves the model in train mode if it was in train mode."""
+    m = make_model(dropout=0.1).train()
+    monkeypatch.setattr(M, "filter_logits", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        generate(m, [[5, 6, 7]], 4, EOS, PAD, temperature=0.7)
+    assert m.training
+
+
+def test_shared_prefill_greedy_equals_each_row_alone(eos_model, prompts):
+    """num_samples=3 (one prefill per prompt, cache copied) gives, greedily, every row exactly
+    what the prompt gives alone, rows grouped by prompt."""
+    n = 3
+    shared = generate(eos_model, prompts, 12, EOS, PAD, temperature=0, num_samples=n)
+    assert shared.tokens.shape[0] == len(prompts) * n
+    for i, p in enumerate(prompts):
+        alone = generate(eos_model, [p], 12, EOS, PAD, temperature=0)
+        L = alone.tokens.shape[1]
+        for r in range(i * n, (i + 1) * n):
+            assert shared.tokens[r, :L].tolist() == alone.tokens[0].tolist()
+            assert (shared.tokens[r, L:] == PAD).all()
+            torch.testing.assert_close(shared.logprobs[r, :L], alone.logprobs[0], atol=1e-5, rtol=0)
+
+
+def test_shared_prefill_samples_equal_repeated_prompts_and_first_tokens_differ(eos_model):
+    """Sampled with a seeded generator, num_samples=8 draws the same tokens as the prompt
+    written out 8 times (each row its own first token), and those first tokens are not all one
+    token (the known bug copies one sampled first token to every row)."""
+    p = rand_prompts([5], seed=3)[0]
+    kw = dict(max_new_tokens=6, eos_id=EOS, pad_id=PAD, temperature=3.0)
+    shared = generate(eos_model, [p], num_samples=8, generator=torch.Generator().manual_seed(0), **kw)
+    spelled = generate(eos_model, [p] * 8, generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(shared.tokens, spelled.tokens)
+    torch.testing.assert_close(shared.logprobs, spelled.logprobs, atol=1e-5, rtol=0)
+    assert len(set(shared.tokens[:, 0].tolist())) > 1
+
+
+def test_output_head_is_fp32_under_bf16_autocast():
+    """Under bf16 autocast the trunk runs in bf16 but the logits come from an fp32 head: equal
+    to the fp32 product of the (bf16-computed) final hidden state and the head matrix. bf16
+    logits would round a logit of ~10 by up to 0.03, which sums to nats over a response."""
+    m = make_model(3)
+    ids = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = m(ids)
+        hidden = m(ids, return_hidden=True)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, hidden.float() @ m.lm_head.weight.float().T, atol=1e-5, rtol=1e-5)
+    # and the log-probs that PPO and DPO read are fp32 end to end
+    lp = sequence_logprobs_under_autocast(m, ids)
+    assert lp.dtype == torch.float32
+
+
+def sequence_logprobs_under_autocast(m, ids):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return sequence_logprobs(m, ids, torch.ones_like(ids), torch.ones_like(ids))
+
+
 # -----------------------------------------------------------------------------
 # Dropout and training mode
 
@@ -564,15 +650,62 @@ def snapshot(path):
     return {name: (path / name).read_bytes() for name in sorted(os.listdir(path))}
 
 
-def test_overwrite_replaces_checkpoint_atomically(tmp_path):
-    """Saving over an existing checkpoint replaces it completely and leaves no temp dirs."""
+def test_overwrite_replaces_our_files_and_touches_no_other(tmp_path):
+    """Saving into a directory replaces the checkpoint's files and leaves every other file and
+    folder there as it was (as transformers does): saving into "." must never empty it."""
     path = tmp_path / "ckpt"
     make_model(1).save_pretrained(str(path), extra_files={"old.txt": "old"})
+    (path / "notes.txt").write_text("mine")
+    (path / "data").mkdir()
+    (path / "data" / "x.jsonl").write_text("{}")
     new = make_model(2)
     new.save_pretrained(str(path))
-    assert sorted(os.listdir(path)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(path)) == ["config.json", "data", "model.safetensors", "notes.txt", "old.txt"]
+    assert (path / "notes.txt").read_text() == "mine" and (path / "data" / "x.jsonl").read_text() == "{}"
     assert_same_model(new, Transformer.from_pretrained(str(path)).eval())
     assert os.listdir(tmp_path) == ["ckpt"]
+
+
+def test_checkpoint_is_readable_by_others(tmp_path):
+    """A new checkpoint directory and its files get the usual permissions (umask 022: 755 and
+    644), not the 700/600 of a private temp directory."""
+    old = os.umask(0o022)
+    try:
+        make_model().save_pretrained(str(tmp_path / "ckpt"), extra_files={"a.json": "{}"})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "ckpt").stat().st_mode & 0o777 == 0o755
+    for f in ("config.json", "model.safetensors", "a.json"):
+        assert (tmp_path / "ckpt" / f).stat().st_mode & 0o777 == 0o644, f
+
+
+def test_save_metadata_lands_in_the_weights_header(tmp_path):
+    """metadata= is stored in model.safetensors (trainers keep their step there) and read back."""
+    make_model().save_pretrained(str(tmp_path / "c"), metadata={"step": "7"})
+    assert M.checkpoint_metadata(str(tmp_path / "c"))["step"] == "7"
+
+
+def test_interrupted_rename_never_leaves_a_mix_that_loads_silently(tmp_path, monkeypatch):
+    """A kill between the renames of one save leaves every file complete (old or new) and no
+    temp file once the next save runs; the weights, renamed last, still carry the old step."""
+    path = tmp_path / "ckpt"
+    make_model(1).save_pretrained(str(path), extra_files={"state.txt": "1"}, metadata={"step": "1"})
+    real_replace, calls = os.replace, []
+
+    def replace_then_die(a, b):
+        calls.append(b)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_replace(a, b)
+
+    monkeypatch.setattr(os, "replace", replace_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        make_model(2).save_pretrained(str(path), extra_files={"state.txt": "2"}, metadata={"step": "2"})
+    monkeypatch.undo()
+    assert (path / "state.txt").read_text() == "2"  # renamed before the kill
+    assert M.checkpoint_metadata(str(path))["step"] == "1"  # weights: still the old ones
+    assert sorted(os.listdir(path)) == ["config.json", "model.safetensors", "state.txt"]
+    Transformer.from_pretrained(str(path))  # loads: every file is whole
 
 
 @pytest.mark.parametrize("fail_at", ["save_file", "tokenizer", "interrupt"])
@@ -655,6 +788,59 @@ def test_untied_config_needs_lm_head(tmp_path):
     rewrite_tensors(path, lambda t: t.pop("lm_head.weight"))
     with pytest.raises(Exception, match=r"lm_head\.weight"):
         Transformer.from_pretrained(path)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no dir", "no such checkpoint directory"),
+    ("config not json", r"config\.json: not valid JSON"),
+    ("config key missing", r"config\.json: missing key\(s\) \['hidden_size'\]"),
+    ("truncated weights", r"model\.safetensors: cannot read the weights"),
+])
+def test_broken_checkpoint_errors_name_the_file(tmp_path, damage, message):
+    """A user's broken checkpoint gives one UserError naming the file and what is wrong, not a
+    KeyError or a library traceback."""
+    from data import UserError
+
+    path = tmp_path / "ckpt"
+    make_model().save_pretrained(str(path))
+    if damage == "no dir":
+        path = tmp_path / "nowhere"
+    elif damage == "config not json":
+        (path / "config.json").write_text("{oops")
+    elif damage == "config key missing":
+        cfg = json.loads((path / "config.json").read_text())
+        del cfg["hidden_size"]
+        (path / "config.json").write_text(json.dumps(cfg))
+    else:
+        w = path / "model.safetensors"
+        w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with pytest.raises(UserError, match=message):
+        Transformer.from_pretrained(str(path))
+
+
+def test_load_checkpoint_refuses_a_tokenizer_larger_than_the_model(tmp_path):
+    """A tokenizer with more tokens than the model has embeddings fails at load time, not with
+    an IndexError at the first training step."""
+    from data import UserError, train_tokenizer
+
+    tok = train_tokenizer(["sort 3 1 2 please", "add 4 and 5"] * 20, 300)
+    assert tok.vocab_size > V
+    make_model().save_pretrained(str(tmp_path / "c"), tokenizer=tok)
+    with pytest.raises(UserError, match="tokenizer has"):
+        M.load_checkpoint(str(tmp_path / "c"))
+
+
+def test_get_device_names_a_missing_device():
+    """--device cuda on a machine without CUDA is a UserError, not an AssertionError later."""
+    from data import UserError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(UserError, match="no CUDA"):
+        M.get_device("cuda")
+    with pytest.raises(UserError, match="not a device"):
+        M.get_device("gpu0")
+    assert M.get_device("cpu").type == "cpu"
 
 
 def test_sharded_checkpoint_loads_like_single_file(tmp_path):

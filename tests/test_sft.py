@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 import sft
 import tasks
-from data import DataError, encode_chat, encode_prompt, encode_response, load_tokenizer, pad_batch, train_tokenizer
-from model import ModelConfig, Transformer
+from data import DataError, UserError, encode_chat, encode_prompt, encode_response, load_tokenizer, pad_batch, train_tokenizer
+from model import ModelConfig, Transformer, lr_schedule
 
 VOCAB = 300
 
@@ -170,24 +170,24 @@ def test_sft_steps_reduce_loss_on_a_fixed_batch(tok):
 
 
 def test_lr_schedule_linear_warmup_then_linear_decay_to_min_lr():
-    """lr_at: linear warm-up lr/W .. lr over steps 0..W-1, then linear decay reaching min_lr at max_steps (clamped)."""
-    cfg = sft.SFTConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=50)
-    lr, lo, W, N = cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps
+    """lr_schedule: linear warm-up lr/W .. lr over steps 0..W-1, then linear decay reaching min_lr at max_steps (clamped)."""
+    lr, lo, W, N = 1e-3, 1e-4, 10, 50
+
+    def at(s, warmup=W):
+        return lr_schedule(s, lr, lo, warmup, N)
+
     for s in range(W):
-        assert sft.lr_at(s, cfg) == pytest.approx(lr * (s + 1) / W)
-    assert sft.lr_at(0, cfg) == pytest.approx(lr / W)
-    assert sft.lr_at(W - 1, cfg) == pytest.approx(lr)
+        assert at(s) == pytest.approx(lr * (s + 1) / W)
+    assert at(W - 1) == pytest.approx(lr)
     for s in range(W, N + 1):
-        assert sft.lr_at(s, cfg) == pytest.approx(lr - (lr - lo) * (s - W) / (N - W))
-    assert sft.lr_at(W, cfg) == pytest.approx(lr)
-    assert sft.lr_at(N, cfg) == pytest.approx(lo)
-    assert sft.lr_at(N + 7, cfg) == pytest.approx(lo)  # never below min_lr
-    decay = [sft.lr_at(s, cfg) for s in range(W, N + 1)]
+        assert at(s) == pytest.approx(lr - (lr - lo) * (s - W) / (N - W))
+    assert at(N) == pytest.approx(lo)
+    assert at(N + 7) == pytest.approx(lo)  # never below min_lr
+    decay = [at(s) for s in range(W, N + 1)]
     assert all(a > b for a, b in zip(decay, decay[1:]))
     # no warm-up: full lr at step 0
-    cfg0 = dataclasses.replace(cfg, warmup_steps=0)
-    assert sft.lr_at(0, cfg0) == pytest.approx(lr)
-    assert sft.lr_at(N, cfg0) == pytest.approx(lo)
+    assert at(0, warmup=0) == pytest.approx(lr)
+    assert at(N, warmup=0) == pytest.approx(lo)
 
 
 # -----------------------------------------------------------------------------
@@ -200,7 +200,7 @@ class _Crash(Exception):
 
 def _run_interrupted(cfg, at_step, monkeypatch):
     """Run sft.main and 'crash' right after the checkpoint of step `at_step` is written."""
-    real_save = sft.save
+    real_save = sft.save_checkpoint
 
     def save_then_crash(model, tok_, c, optimizer, step):
         real_save(model, tok_, c, optimizer, step)
@@ -208,7 +208,7 @@ def _run_interrupted(cfg, at_step, monkeypatch):
             raise _Crash
 
     with monkeypatch.context() as m:
-        m.setattr(sft, "save", save_then_crash)
+        m.setattr(sft, "save_checkpoint", save_then_crash)
         with pytest.raises(_Crash):
             sft.main(cfg)
 
@@ -250,15 +250,13 @@ def test_resume_after_crash_between_checkpoints_keeps_metrics_consistent(m0, sft
     """A crash after step 4 (last checkpoint at 3) then --resume: metrics.jsonl has each step 1..N once, no stale rows."""
     N, half = 6, 3
     cfg = tiny_cfg(tmp_path / "b", mode="sft", init=m0[1], data=sft_data, max_steps=N, save_every=half)
-    real_lr_at = sft.lr_at
-
-    def crash_in_step_5(step, c):  # step 4 finished and logged, no checkpoint since step 3
+    def crash_in_step_5(step, *a):  # step 4 finished and logged, no checkpoint since step 3
         if step == half + 1:
             raise _Crash
-        return real_lr_at(step, c)
+        return lr_schedule(step, *a)
 
     with monkeypatch.context() as m:
-        m.setattr(sft, "lr_at", crash_in_step_5)
+        m.setattr(sft, "lr_schedule", crash_in_step_5)
         with pytest.raises(_Crash):
             sft.main(cfg)
     assert [r["step"] for r in read_metrics(cfg.out_dir)] == list(range(1, half + 2))
@@ -268,13 +266,13 @@ def test_resume_after_crash_between_checkpoints_keeps_metrics_consistent(m0, sft
 
 
 def test_resume_without_checkpoint_errors_clearly(m0, sft_data, tmp_path):
-    """--resume with no checkpoint in out_dir raises FileNotFoundError naming --resume (pretrain and sft)."""
+    """--resume with no checkpoint in out_dir raises a UserError naming --resume (pretrain and sft)."""
     cfg = tiny_cfg(tmp_path / "p", mode="pretrain", corpus_docs=50, resume=True)
-    with pytest.raises(FileNotFoundError, match="--resume"):
+    with pytest.raises(UserError, match="--resume"):
         sft.main(cfg)
     assert not os.path.exists(os.path.join(cfg.out_dir, "model"))
     cfg = tiny_cfg(tmp_path / "s", mode="sft", init=m0[1], data=sft_data, resume=True)
-    with pytest.raises(FileNotFoundError, match="--resume"):
+    with pytest.raises(UserError, match="--resume"):
         sft.main(cfg)
     assert not os.path.exists(os.path.join(cfg.out_dir, "model"))
 
@@ -301,7 +299,7 @@ def test_bad_jsonl_line_fails_with_file_line_before_any_model(bad, m0, tmp_path,
     def no_model(*a, **k):
         raise AssertionError("a model or tokenizer was loaded before the data were validated")
 
-    monkeypatch.setattr(sft, "load_tokenizer", no_model)
+    monkeypatch.setattr(sft, "load_checkpoint", no_model)
     monkeypatch.setattr(sft.Transformer, "from_pretrained", no_model)
     monkeypatch.setattr(sft, "Transformer", no_model)
     cfg = tiny_cfg(tmp_path / "out", mode="sft", init=m0[1], data=path)
@@ -390,3 +388,100 @@ def test_world_corpus_is_plain_text_with_the_eval_split_first():
     docs = tasks.pretrain_corpus(cfg.world_seed, cfg.corpus_docs)
     assert evals + train == docs and len(evals) == 6
     assert not any("<|" in d for d in docs)
+
+
+# -----------------------------------------------------------------------------
+# Gradient accumulation, used out_dirs, divergence, flags, user errors
+
+
+def test_grad_accumulation_weights_micro_batches_by_their_targets(tok):
+    """batch 2 x accum 1 and batch 1 x accum 2 give the same gradient (the step's loss is the
+    mean over all its supervised tokens), even when the two replies differ a lot in length."""
+    short, long_ = ("Compute 1 + 2.", "3."), ("Reverse: cat dog egg hat pen bed", "Reversed: " + "bed pen hat egg dog cat " * 4)
+    chats = [encode_chat(tok, *short), encode_chat(tok, *long_)]
+    both = pad_batch([c[0] for c in chats], tok.pad_id, "right", [c[1] for c in chats])
+    ones = [pad_batch([c[0]], tok.pad_id, "right", [c[1]]) for c in chats]
+    assert int(ones[0][2].sum()) * 3 < int(ones[1][2].sum())  # very different reply lengths
+    grads = []
+    for batches in ([(both[0], None, both[2])], [(i, None, m) for i, _, m in ones]):
+        model = tiny_model(tok, seed=3)
+        loss = sft.backward(model, batches, torch.device("cpu"))
+        grads.append((loss, [p.grad.clone() for p in model.parameters()]))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_a_fresh_run_refuses_a_used_out_dir_unless_overwrite(m0, sft_data, tmp_path):
+    """A second fresh run into the same out_dir would append to metrics.jsonl (steps repeat):
+    refused with a message naming --resume/--overwrite; --overwrite starts afresh."""
+    cfg = tiny_cfg(tmp_path / "s", mode="sft", init=m0[1], data=sft_data, max_steps=2)
+    sft.main(cfg)
+    with pytest.raises(UserError, match="--overwrite"):
+        sft.main(cfg)
+    sft.main(dataclasses.replace(cfg, overwrite=True))
+    assert [r["step"] for r in read_metrics(cfg.out_dir)] == [1, 2]
+
+
+def test_resume_refuses_changed_settings_but_may_extend_max_steps(m0, sft_data, tmp_path):
+    """--resume with another lr would silently mix two runs: refused, naming the setting.
+    A larger --max_steps extends the run."""
+    cfg = tiny_cfg(tmp_path / "s", mode="sft", init=m0[1], data=sft_data, max_steps=2, warmup_steps=0)
+    sft.main(cfg)
+    with pytest.raises(UserError, match="'lr'"):
+        sft.main(dataclasses.replace(cfg, resume=True, lr=cfg.lr * 2, max_steps=3))
+    sft.main(dataclasses.replace(cfg, resume=True, max_steps=3))
+    assert [r["step"] for r in read_metrics(cfg.out_dir)] == [1, 2, 3]
+
+
+def test_resume_refuses_weights_and_state_from_two_saves(m0, sft_data, tmp_path):
+    """A kill between the renames of a save leaves new trainer state beside old weights: --resume
+    says so instead of continuing from a mix."""
+    from model import Transformer as T
+
+    cfg = tiny_cfg(tmp_path / "s", mode="sft", init=m0[1], data=sft_data, max_steps=2)
+    ckpt = sft.main(cfg)
+    T.from_pretrained(ckpt).save_pretrained(ckpt, metadata={"step": "1"})  # weights of "another" save
+    with pytest.raises(UserError, match="interrupted"):
+        sft.main(dataclasses.replace(cfg, resume=True, max_steps=3))
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(m0, sft_data, tmp_path):
+    """--init with NaN weights: training stops at step 1 with a message, saves nothing, and
+    metrics.jsonl holds no NaN (it stays valid JSON)."""
+    bad = tmp_path / "nan_init"
+    model = Transformer.from_pretrained(m0[1])
+    with torch.no_grad():
+        model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(str(bad), tokenizer=load_tokenizer(m0[1]))
+    cfg = tiny_cfg(tmp_path / "s", mode="sft", init=str(bad), data=sft_data, max_steps=2)
+    with pytest.raises(UserError, match=r"step 1: loss is nan"):
+        sft.main(cfg)
+    assert not os.path.exists(os.path.join(cfg.out_dir, "model"))
+    assert not os.path.exists(os.path.join(cfg.out_dir, "metrics.jsonl"))
+
+
+@pytest.mark.parametrize("flag, value", [("max_steps", 0), ("grad_accum", 0), ("batch_size", 0), ("lr", -1.0),
+                                         ("min_lr", 1.0), ("dropout", 1.0), ("mode", "rl"), ("dim", 31)])
+def test_out_of_range_flags_are_refused_naming_the_flag(flag, value, tmp_path):
+    with pytest.raises(UserError, match=f"--{flag} "):
+        tiny_cfg(tmp_path / "s", **{flag: value})
+
+
+def test_max_seq_len_applies_to_an_init_checkpoint(m0, sft_data, tmp_path):
+    """--max_seq_len with --init changes the context (it used to be ignored silently)."""
+    cfg = tiny_cfg(tmp_path / "s", mode="sft", init=m0[1], data=sft_data, max_steps=1, max_seq_len=96)
+    assert Transformer.from_pretrained(sft.main(cfg)).config.max_seq_len == 96
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path):
+    """From the command line a user's mistake prints 'error: ...' naming the problem, exit 2."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "sft.py", "--init", str(tmp_path / "nowhere"), "--data",
+                        str(tmp_path), "--out_dir", str(tmp_path / "o")], cwd=root, capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "is a directory" in r.stderr

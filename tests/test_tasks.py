@@ -165,11 +165,153 @@ def test_reason_lines_say_what_went_wrong():
     assert grade(a, "The sum is 43.").reasons[3] == "+0 correct: off by one"
 
 
-def test_answer_is_last_run():
-    # "last" extraction: the final statement counts, earlier numbers in the sentence do not
+def test_answer_is_last_statement():
+    # the final statement counts: a later statement corrects an earlier one
     t = make_task("sort_asc", ((5, 2, 9),))
     assert grade(t, "Sorted: 2 5 9. No wait: 9 5 2.").points == 3
     assert grade(t, "Sorted: 9 5 2. No wait: 2 5 9.").points == 4
+
+
+# Human-grader cases: how a careful person grades a response that carries extra words.
+# (family, args, response, points, the first line that is not +1, or None for "all +1")
+# The rubric says extra text costs only "impeccable"; offering several answers is not
+# answering at all (it fails "relevant", as "The sum is 12 30." always did).
+NUMS, LISTS = "+0 relevant: several numbers, not one", "+0 relevant: several lists, not one"
+XS, WS, CAT = ((5, 1, 5, 3),), (2, ("red", "sun", "box", "cup")), ("cat", ("cat", "dog", "cat"))
+HUMAN = [
+    # number families: the answer is the answer statement, not the last number in sight
+    ("add", (5, 7), "The sum is 12.0.", 4, "+0 impeccable: not in the expected form"),
+    ("add", (5, 7), "The sum is 12. (5 + 7)", 4, "+0 impeccable: extra text around the answer"),
+    ("add", (5, 7), "The sum of 5 and 7 is 12.", 4, "+0 impeccable: not in the expected form"),
+    ("add", (5, 7), "5 + 7 = 12", 4, None),
+    ("add", (5, 7), "What is 5 plus 7? 12", 4, None),
+    ("add", (5, 7), "The answer: [12]", 4, None),
+    ("add", (5, 7), "The sum is 13. No wait, the sum is 12.", 4, None),  # a correction
+    ("add", (12, 0), "The sum of 12 and 0 is 12.", 4, None),  # the answer is also an input
+    ("add", (12, 0), "The sum is 12. (12 + 0)", 4, "+0 impeccable: answer stated twice"),
+    ("max", ((5, 97, 12),), "The largest is 97 in 5 97 12.", 4, None),
+    ("max", ((5, 97, 12),), "Which is biggest: 5 97 12? 97", 4, None),
+    ("max", ((5, 97, 12),), "The largest of 5, 97 and 12 is 97.", 4, None),
+    ("sub", (50, 8), "50 - 8 = 42", 4, None),
+    ("sub", (50, 8), "The difference is 42. (50 - 8)", 4, None),
+    ("count", CAT, "The count is 2.0.", 4, None),
+    ("length", (("red", "sun", "box", "cup"),), "There are 4 items.", 4, None),
+    # ... and what is wrong stays wrong
+    ("add", (5, 7), "The sum is 12.5.", 3, "+0 correct: not a whole number"),
+    ("add", (5, 7), "The sum is 12 30.", 0, NUMS),
+    ("add", (5, 7), "The sum is 12 or 13.", 0, NUMS),
+    ("add", (5, 7), "The sum is 13 or 12.", 0, NUMS),
+    ("add", (5, 7), "The sum is 12. Or maybe 13.", 0, NUMS),
+    ("add", (5, 7), "13 or 12", 0, NUMS),
+    ("add", (5, 7), "The sum is 12/13.", 0, NUMS),
+    ("add", (5, 7), "The sum is 12 or 5.", 0, NUMS),  # an input offered as an answer
+    ("add", (5, 7), "The sum is 12. The sum is 13.", 3, "+0 correct: off by one"),  # corrected
+    ("max", ((5, 97, 12),), "The largest is 97 or 12.", 0, NUMS),
+    ("sub", (50, 8), "The difference is 50-8.", 0, NUMS),
+    ("sub", (70, 0), "What is 70 minus 0?", 1, "+0 substantial: far from the answer"),  # a question
+    ("count", CAT, "The count is 2 or 3.", 0, NUMS),
+    # list families: separators, decimals, brackets, the input quoted back
+    ("sort_asc", XS, "Sorted: 1-3-5-5.", 4, "+0 impeccable: not in the expected form"),
+    ("sort_asc", XS, "Sorted: 1; 3; 5; 5.", 4, None),
+    ("sort_asc", XS, "Sorted: 1.0 3.0 5.0 5.0.", 4, None),
+    ("sort_asc", XS, "Sorted: [1, 3, 5, 5].", 4, None),
+    ("sort_asc", XS, "Sorted: 1 3 5 5 (from 5 1 5 3).", 4, None),
+    ("sort_asc", XS, "The sorted list is 1 3 5 5.", 4, None),
+    ("reverse", ((1, 7, 3),), "Reversed: 3 7 1 (was 1 7 3).", 4, None),
+    ("first_k", WS, "First 2: red-sun.", 4, None),
+    ("first_k", WS, "The first 2 are red and sun.", 4, None),
+    ("first_k", WS, "First 2: red sun (of red sun box cup).", 4, None),
+    ("last_k", WS, "Last 2: box; cup.", 4, None),
+    ("repeat", ("dog", 3), "Repeated: dog-dog-dog.", 4, None),
+    # ... and wrong lists stay wrong
+    ("sort_asc", XS, "Sorted: 1-3-5-6.", 2, "+0 basic elements: numbers differ from given"),
+    ("sort_asc", XS, "Sorted: 1.5 3 5 5.", 2, None),
+    ("sort_asc", XS, "Sorted: 1 3 5 5 or 5 5 3 1.", 0, LISTS),
+    ("sort_asc", XS, "Sorted: 1 3 5 5. Maybe 1 5 3 5.", 0, LISTS),
+    ("sort_asc", XS, "Sorted: 1 3 5 5. Maybe 5 1 5 3.", 0, LISTS),  # the input, offered
+    ("sort_asc", XS, "5 1 5 3 or 1 3 5 5", 0, LISTS),
+    ("sort_asc", XS, "Sorted: either 5 1 5 3 or 1 3 5 5.", 0, LISTS),
+    ("reverse", ((1, 7, 3),), "Reversed: 3 7 1 or 3 1 7.", 0, LISTS),
+    ("reverse", ((1, 7, 3),), "Reversed: 3 7 1 or 1 7 3.", 0, LISTS),
+    ("first_k", WS, "First 2: red sun or sun box.", 0, LISTS),
+]
+
+
+@pytest.mark.parametrize("family,args,response,points,first_miss", HUMAN)
+def test_grader_reads_like_a_human(family, args, response, points, first_miss):
+    g = grade(make_task(family, args), response)
+    assert g.points == points, (response, g.reasons)
+    _check_reasons(g)
+    if first_miss is not None:
+        assert g.reasons[points] == first_miss, g.reasons
+
+
+def _kind(task):
+    return tasks.SPECS[task.family].kind
+
+
+def _text(answer, sep=" "):
+    """An answer (a tuple or a number) written out."""
+    return sep.join(map(str, answer)) if isinstance(answer, tuple) else str(answer)
+
+
+def _other_answer(task, rng):
+    """A wrong answer of the right kind: a number, or a list of >= 2 items."""
+    while True:
+        if _kind(task) == "number":
+            other = task.answer + rng.choice([-1, 1, 2, 7, 30])
+        else:
+            other = tasks._damage_list(task, rng)
+            if len(other) < 2:
+                continue
+        if other != task.answer:
+            return other
+
+
+def _given(task):
+    """The task's input as the question gives it: its list, or its two numbers."""
+    lists = [a for a in task.args if isinstance(a, tuple)]
+    return _text(lists[0]) if lists else " and ".join(map(str, task.args))
+
+
+def test_several_answers_never_earn_correct():
+    # The new reading must not be easier to game than "the last run" was: a response that
+    # hedges between the right answer and another one gets nothing, in whatever order, even
+    # when the other one is the question's own input ("Reversed: 3 7 1 or 1 7 3.").
+    rng = random.Random(11)
+    for _ in range(600):
+        task = tasks.sample_task(rng)
+        right, wrong = _text(task.answer), _text(_other_answer(task, rng))
+        given = _given(task)
+        say = lambda ans: tasks.render(task.family, task.args, ans)  # noqa: E731
+        texts = [say(f"{right} or {wrong}"), say(f"{wrong} or {right}"),
+                 say(f"{right} / {wrong}"), f"{task.gold} Or maybe {wrong}.",
+                 f"{task.gold} Perhaps {wrong}.", f"Either {wrong} or {right}.",
+                 f"{right} or {wrong}", f"{wrong} or {right}"]
+        if task.family not in ("count", "length", "repeat"):  # their input is no answer item
+            texts += [say(f"{right} or {given}"), f"{given} or {right}"]
+        for text in texts:
+            g = grade(task, text)
+            assert g.points == 0 and "several" in g.reasons[0], (task.prompt, text, g.reasons)
+
+
+def test_extra_words_cost_only_the_fifth_point():
+    rng = random.Random(12)
+    for _ in range(600):
+        task = tasks.sample_task(rng)
+        say = lambda ans: tasks.render(task.family, task.args, ans)  # noqa: E731
+        wrong = _other_answer(task, rng)
+        texts = [f"Sure! {task.gold} Have a nice day!",
+                 f"{task.gold[:-1]} (from {_given(task)}).",
+                 f"{task.prompt} {task.gold}",  # the question repeated, then answered
+                 f"{say(wrong)} No wait. {task.gold}"]  # a corrected mistake
+        if _kind(task) != "number":
+            texts += [say(_text(task.answer, "-")), say(_text(task.answer, "; "))]
+        if _kind(task) != "word_list":
+            texts.append(say(_text(task.answer, ".0 ") + ".0"))
+        for text in texts:
+            g = grade(task, text)
+            assert g.points == 4, (task.prompt, text, g.reasons)
 
 
 # -----------------------------------------------------------------------------
@@ -326,14 +468,79 @@ def _corpus_prompts(docs):
     return out
 
 
+# A task's identity is what decides its answer: "add 3 and 5" and "add 5 and 3" are one task.
+# Written out here independently of tasks.task_key, which the tests below check against it.
+_ORDER_FREE = ("add", "sort_asc", "sort_desc", "max", "min", "length", "count")
+
+
+def _multiset(xs):
+    return tuple(sorted(Counter(xs).items()))
+
+
+def _canon(task):
+    """A task up to the input orders its answer ignores."""
+    fam, args = task.family, task.args
+    if fam == "add":
+        return fam, _multiset(args)
+    if fam in ("sort_asc", "sort_desc", "max", "min", "length"):
+        return fam, _multiset(args[0])
+    if fam == "count":
+        return fam, args[0], _multiset(args[1])
+    return fam, args  # reverse, sub, first_k, last_k, repeat: the order is the question
+
+
+def _twins(task, rng, n=3):
+    """The same task with its inputs reordered (and rephrased); none if order matters."""
+    fam, args = task.family, task.args
+    if fam not in _ORDER_FREE:
+        return []
+    out = []
+    for _ in range(n):
+        if fam == "add":
+            new = args[::-1]
+        elif fam == "count":
+            new = (args[0], tuple(rng.sample(args[1], len(args[1]))))
+        else:
+            new = (tuple(rng.sample(args[0], len(args[0]))),)
+        out.append(make_task(fam, new, rng.randrange(len(tasks.SPECS[fam].templates))))
+    return out
+
+
+def test_task_key_is_the_task_up_to_orders_the_answer_ignores():
+    rng = random.Random(6)
+    sample = [tasks.sample_task(rng) for _ in range(3000)]
+    for t in sample:
+        for twin in _twins(t, rng):
+            assert tasks.task_key(twin) == tasks.task_key(t) and twin.answer == t.answer
+            assert tasks.is_heldout(twin) == tasks.is_heldout(t), (t, twin)
+    # the key groups tasks exactly as _canon does, and each group has one answer
+    by_key, by_canon = {}, {}
+    for t in sample + [tw for t in sample[:500] for tw in _twins(t, rng)]:
+        by_key.setdefault(tasks.task_key(t), set()).add(_canon(t))
+        by_canon.setdefault(_canon(t), set()).add((tasks.task_key(t), t.answer))
+    assert all(len(v) == 1 for v in by_key.values()) and all(len(v) == 1 for v in by_canon.values())
+    # where the order is the question, reordering makes another task
+    for fam, args, other in [("reverse", ((1, 7, 3),), ((3, 7, 1),)), ("sub", (8, 3), (3, 8)),
+                             ("first_k", (2, ("red", "sun", "box")), (2, ("sun", "red", "box"))),
+                             ("last_k", (2, ("red", "sun", "box")), (2, ("red", "box", "sun")))]:
+        assert tasks.task_key(make_task(fam, args)) != tasks.task_key(make_task(fam, other))
+
+
+def test_heldout_add_has_no_swapped_twin_in_training():
+    # the old leak: held-out "add 3 and 5" while "add 5 and 3" was a training task
+    rng = random.Random(7)
+    for _ in range(300):
+        t = tasks.sample_task(rng, "add", split="heldout")
+        assert tasks.is_heldout(make_task("add", t.args[::-1], phrasing=2)), t
+
+
 def test_eval_prompts_disjoint_from_training_data():
     tpl = tasks.load_judge_template()
     evals = tasks.eval_prompts(0, 300)
-    assert len(evals) == 300 and len({t.prompt for t in evals}) == 300
+    assert len(evals) == 300 and len({_canon(t) for t in evals}) == 300
     assert all(tasks.is_heldout(t) for t in evals)
-    assert Counter(t.family for t in evals) == Counter({f: 25 for f in FAMILIES})
 
-    train_prompts = _corpus_prompts(tasks.pretrain_corpus(0, 1500))
+    train_prompts = _corpus_prompts(tasks.pretrain_corpus(0, 1500))  # Q/A and numbered lists
     train_prompts += [p for p, _ in tasks.ift_seed(0, 600)]
     train_prompts += [re.search(r"^Question: (.*)$", p, re.M).group(1)
                       for p, _ in tasks.eft_seed(0, 300, tpl)]
@@ -341,8 +548,30 @@ def test_eval_prompts_disjoint_from_training_data():
     train_tasks = [parse_task(p) for p in train_prompts]
     assert all(t is not None for t in train_tasks)
     assert not any(tasks.is_heldout(t) for t in train_tasks)
-    eval_keys = {(t.family, t.args) for t in evals}
-    assert not eval_keys & {(t.family, t.args) for t in train_tasks}
+    assert not {_canon(t) for t in evals} & {_canon(t) for t in train_tasks}
+    # not only these 300: no held-out task at all is a reordering of a training task
+    rng = random.Random(8)
+    assert not any(tasks.is_heldout(tw) for t in train_tasks for tw in _twins(t, rng))
+
+
+def _heldout_repeat_tasks():
+    """Every held-out task of the smallest family (the sampler's words and k = 2..5)."""
+    return {(w, k) for w in tasks.LEXICON for k in range(2, 6)
+            if tasks.is_heldout(make_task("repeat", (w, k)))}
+
+
+@pytest.mark.parametrize("seed,n", [(0, 300), (1, 100), (2, 24), (5, 1000)])
+def test_eval_prompts_distinct_tasks_balanced_families(seed, n):
+    evals = tasks.eval_prompts(seed, n)
+    assert len(evals) == n and len({_canon(t) for t in evals}) == n  # no task twice
+    assert evals == tasks.eval_prompts(seed, n)
+    counts = Counter(t.family for t in evals)
+    assert set(counts) == set(FAMILIES)
+    n_repeat = len(_heldout_repeat_tasks())
+    assert 100 // len(FAMILIES) < n_repeat < 300 // len(FAMILIES)  # 300 prompts exhaust it
+    if n // len(FAMILIES) >= n_repeat:  # repeat runs out: it gives all it has, others fill
+        assert counts.pop("repeat") == n_repeat
+    assert max(counts.values()) - min(counts.values()) <= 1
 
 
 # -----------------------------------------------------------------------------
@@ -440,6 +669,7 @@ def test_load_judge_template_checks_placeholders(tmp_path):
 def test_eft_eval_set():
     data = tasks.eft_eval_set(4, 60, 4)
     assert len(data) == 60
+    assert len({_canon(task) for task, _, _ in data}) == 60  # distinct tasks, not just prompts
     for task, responses, points in data:
         assert tasks.is_heldout(task)
         assert len(responses) == 4 and len(set(responses)) == 4
