@@ -422,6 +422,14 @@ def epoch_batch(n: int, batch_size: int, seed: int, i: int) -> list[int]:
     return order[j * batch_size : (j + 1) * batch_size]
 
 
+def stream_batch(stream: torch.Tensor, batch_size: int, seq_len: int, gen: torch.Generator):
+    """Random windows of a token stream (nanoGPT-style). x, y: (B, seq_len)."""
+    starts = torch.randint(len(stream) - seq_len - 1, (batch_size,), generator=gen)
+    x = torch.stack([stream[s : s + seq_len] for s in starts])
+    y = torch.stack([stream[s + 1 : s + 1 + seq_len] for s in starts])
+    return x, y
+
+
 def pad_batch(seqs: list[list[int]], pad_id: int, side: str = "right", loss_masks=None):
     """Pad token lists to one length.
     Returns input_ids (B, T), attention_mask (B, T) and, if loss_masks are given, loss_mask

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import tasks
 from data import (Tokenizer, UserError, encode_chat, encode_documents, epoch_batch, load_sft_data, pad_batch,
-                  show_supervision, train_tokenizer)
+                  show_supervision, stream_batch, train_tokenizer)
 from model import (ModelConfig, Transformer, autocast, check_finite, check_ranges, cli, configure_optimizer,
                    get_device, load_checkpoint, load_trainer_state, log_metrics, lr_schedule,
                    prepare_out_dir, save_checkpoint)
@@ -160,14 +160,6 @@ def sft_batch(examples, batch_size: int, seed: int, i: int, pad_id: int):
     """The i-th batch of shuffled, right-padded examples (see data.epoch_batch)."""
     chunk = [examples[k] for k in epoch_batch(len(examples), batch_size, seed, i)]
     return pad_batch([c[0] for c in chunk], pad_id, "right", [c[1] for c in chunk])
-
-
-def stream_batch(stream: torch.Tensor, batch_size: int, seq_len: int, gen: torch.Generator):
-    """Random windows of a token stream (nanoGPT-style). x, y: (B, seq_len)."""
-    starts = torch.randint(len(stream) - seq_len - 1, (batch_size,), generator=gen)
-    x = torch.stack([stream[s : s + seq_len] for s in starts])
-    y = torch.stack([stream[s + 1 : s + 1 + seq_len] for s in starts])
-    return x, y
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,392 @@
+"""Direct Preference Optimization (Rafailov et al., 2023): the optimiser of the self-rewarding
+loop, and the baseline beside PPO.
+
+DPO skips the reward model and the RL loop. For a prompt x, a chosen response y_w and a
+rejected one y_l, it raises how much more likely the policy makes y_w than the frozen
+reference (the starting model) does, relative to y_l:
+
+    loss = -log σ( β · [ (log π(y_w|x) - log π_ref(y_w|x)) - (log π(y_l|x) - log π_ref(y_l|x)) ] )
+
+β · (log π(y|x) - log π_ref(y|x)) is the "implicit reward" of y. β (0.1 by default) sets how far
+the policy may move from the reference: smaller β, weaker anchor.
+
+    python dpo.py --init runs/default/M1/model --data pairs.jsonl --out_dir runs/dpo
+    python dpo.py --init runs/default/SFT/model --world_pairs 2000 --out_dir runs/dpo_world
+
+--data reads any preference format of data.py ({"prompt","chosen","rejected"}, Anthropic HH
+transcripts). --world_pairs N needs no file: the task world's oracle ranks two samples of
+--init per training prompt, and the run ends with the oracle's verdict on held-out prompts,
+before and after.
+
+Output: out_dir/model/ (HF layout, the resolved config, the trainer state for --resume),
+out_dir/metrics.jsonl, and out_dir/world_pairs.jsonl for --world_pairs.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import tasks
+from data import (Preference, UserError, encode_prompt, encode_response, epoch_batch, load_preference_data,
+                  pad_batch, read_jsonl, write_jsonl)
+from model import (autocast, check_finite, check_ranges, cli, configure_optimizer, get_device, load_checkpoint,
+                   load_trainer_state, log_metrics, lr_schedule, prepare_out_dir, save_checkpoint,
+                   sequence_logprobs)
+
+
+@dataclass
+class DPOConfig:
+    init: str = ""  # the starting model: the policy starts here and the reference stays here
+    data: str = ""  # preference JSONL (any data.py preference format)
+    world_pairs: int = 0  # instead of --data: this many oracle-ranked pairs sampled from --init
+    out_dir: str = "runs/dpo"
+    eval_frac: float = 0.05  # share of the pairs held out for the evaluation metrics
+    seed: int = 1337
+    world_seed: int = 0
+    # the loss
+    loss: str = "dpo"  # "dpo" (Rafailov et al., eq. 7) or "ipo" (Azar et al., eq. 17)
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # conservative DPO: the chance that a pair's label is flipped
+    precompute_ref: bool = True  # reference log-probs computed once before training (one model in memory)
+    # optimisation (the paper, 70B: lr 1e-6 -> 1e-7, batch 16; small models want larger rates)
+    batch_size: int = 16  # pairs per micro-batch (each pair is two sequences)
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: int = 0  # 0: from --epochs
+    lr: float = 5e-5
+    min_lr: float = 5e-6
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    dropout: float = 0.0  # the paper trained with 0.1; dropout makes the policy differ from the reference at step 0
+    max_seq_len: int = 0  # 0: the checkpoint's own
+    eval_every: int = 50
+    save_every: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    device: str = "auto"
+    compile: bool = False
+    # --world_pairs sampling and evaluation
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 40
+    n_eval_world: int = 300  # held-out world prompts graded by the oracle before and after (0: skip)
+
+    def __post_init__(self):
+        c = self
+        check_ranges(c, {
+            "loss": (c.loss in ("dpo", "ipo"), "dpo or ipo"), "beta": (c.beta > 0, "> 0"),
+            "label_smoothing": (0 <= c.label_smoothing < 0.5, "in [0, 0.5)"),
+            "batch_size": (c.batch_size >= 1, ">= 1"), "grad_accum": (c.grad_accum >= 1, ">= 1"),
+            "epochs": (c.epochs > 0, "> 0"), "max_steps": (c.max_steps >= 0, ">= 0"),
+            "lr": (c.lr > 0, "> 0"), "min_lr": (0 <= c.min_lr <= c.lr, "between 0 and --lr"),
+            "warmup_steps": (c.warmup_steps >= 0, ">= 0"), "weight_decay": (c.weight_decay >= 0, ">= 0"),
+            "beta1": (0 <= c.beta1 < 1, "in [0, 1)"), "beta2": (0 <= c.beta2 < 1, "in [0, 1)"),
+            "grad_clip": (c.grad_clip > 0, "> 0"), "dropout": (0 <= c.dropout < 1, "in [0, 1)"),
+            "eval_frac": (0 <= c.eval_frac < 1, "in [0, 1)"), "eval_every": (c.eval_every >= 0, ">= 0"),
+            "save_every": (c.save_every >= 0, ">= 0"), "max_seq_len": (c.max_seq_len >= 0, ">= 0"),
+            "world_pairs": (c.world_pairs >= 0, ">= 0"), "temperature": (c.temperature > 0, "> 0"),
+            "top_p": (0 < c.top_p <= 1, "in (0, 1]"), "max_new_tokens": (c.max_new_tokens >= 1, ">= 1"),
+            "n_eval_world": (c.n_eval_world >= 0, ">= 0"),
+        })
+
+
+# -----------------------------------------------------------------------------
+# Data: (prompt, chosen, rejected) -> token ids
+
+
+def world_preferences(model, tok, cfg: DPOConfig) -> list[dict]:
+    """cfg.world_pairs preference pairs without any file: per training prompt of the task world,
+    two samples of the model at cfg.temperature, ranked by the oracle; prompts whose two
+    samples score the same give no pair. Rows {"prompt", "chosen", "rejected", "points"}."""
+    from evaluate import sample_responses
+
+    rng = random.Random(f"dpo-world/{cfg.world_seed}/{cfg.seed}")
+    gen = torch.Generator(get_device(cfg.device)).manual_seed(cfg.seed)
+    rows, tried = [], 0
+    while len(rows) < cfg.world_pairs:
+        if tried > 20 * cfg.world_pairs:
+            raise UserError(f"--world_pairs: only {len(rows)} pairs from {tried} prompts; the model's two "
+                            "samples almost always score the same")
+        batch = [tasks.sample_task(rng, split="train") for _ in range(256)]
+        tried += len(batch)
+        samples = sample_responses(model, tok, [t.prompt for t in batch], 2, cfg.temperature, cfg.top_p,
+                                   cfg.max_new_tokens, generator=gen, desc="world pairs")
+        for task, (a, b) in zip(batch, samples):
+            if a is None or b is None:
+                continue
+            pa, pb = tasks.grade(task, a).points, tasks.grade(task, b).points
+            if pa != pb and len(rows) < cfg.world_pairs:
+                (c, pc), (r, pr) = sorted([(a, pa), (b, pb)], key=lambda x: -x[1])
+                rows.append({"prompt": task.prompt, "chosen": c, "rejected": r, "points": [pc, pr]})
+    print(f"world pairs: {len(rows)} from {tried} prompts (the rest scored equal)")
+    return rows
+
+
+def encode_pairs(tok, prefs, max_len: int, what: str) -> list[dict]:
+    """Token ids of each pair: the prompt in the chat template, each response closed by EOS.
+    A pair whose prompt + longer response does not fit the context is dropped and counted,
+    never cut (a cut response would lose its EOS and its ending)."""
+    out = []
+    for p in prefs:
+        prompt = encode_prompt(tok, p.prompt)
+        chosen, rejected = encode_response(tok, p.chosen), encode_response(tok, p.rejected)
+        if len(prompt) + max(len(chosen), len(rejected)) <= max_len:
+            out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    if len(out) < len(prefs):
+        print(f"{what}: dropped {len(prefs) - len(out)} of {len(prefs)} pairs longer than {max_len} tokens")
+    return out
+
+
+def pair_batch(pairs: list[dict], pad_id: int):
+    """Chosen and rejected sequences of B pairs in ONE right-padded batch, rows [chosen_1 ..
+    chosen_B, rejected_1 .. rejected_B], so one forward pass scores both. Returns input_ids
+    (2B, T) and response_mask (2B, T): 1 on response tokens and their EOS, 0 on prompt and pad."""
+    seqs, masks = [], []
+    for side in ("chosen", "rejected"):
+        for p in pairs:
+            seqs.append(p["prompt"] + p[side])
+            masks.append([0] * len(p["prompt"]) + [1] * len(p[side]))
+    ids, _, response_mask = pad_batch(seqs, pad_id, "right", masks)
+    return ids, response_mask
+
+
+def response_logps(model, ids, response_mask):
+    """Summed log-probs of each row's response, (2B,) -> split into chosen (B,), rejected (B,).
+    Right padding: plain causal attention is exact for the real tokens, so no mask is needed;
+    sequence_logprobs applies the one-token shift and zeroes prompt and pad positions."""
+    logps = sequence_logprobs(model, ids, None, response_mask).sum(-1)
+    return logps.chunk(2)
+
+
+@torch.no_grad()
+def reference_logps(reference, pairs: list[dict], pad_id: int, device, batch_size: int = 64):
+    """Precompute log π_ref(y|x) of every pair once (the reference is frozen), so training
+    holds one model in memory. Stored in the pair dicts as ref_chosen / ref_rejected."""
+    was_training = reference.training
+    reference.eval()
+    for s in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs", leave=False):
+        chunk = pairs[s : s + batch_size]
+        ids, mask = pair_batch(chunk, pad_id)
+        with autocast(device):
+            chosen, rejected = response_logps(reference, ids.to(device), mask.to(device))
+        for p, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
+            p["ref_chosen"], p["ref_rejected"] = c, r
+    reference.train(was_training)
+
+
+# -----------------------------------------------------------------------------
+# The loss
+
+
+def preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float,
+                    loss_type: str = "dpo", label_smoothing: float = 0.0):
+    """Per-pair losses (B,) and the implicit rewards of chosen and rejected, from summed
+    response log-probs (all (B,)).
+
+    h = (log π(y_w) - log π_ref(y_w)) - (log π(y_l) - log π_ref(y_l))
+      dpo: -log σ(β h)                            Rafailov et al. 2023, eq. 7
+           with label smoothing ε (conservative DPO, Mitchell 2023: each label is wrong with
+           probability ε): -(1 - ε) log σ(β h) - ε log σ(-β h)
+      ipo: (h - 1 / (2β))²                        Azar et al. 2023, eq. 17 (β is their τ): a
+           squared loss that stops pushing once the margin reaches 1/(2β), where DPO's
+           logistic loss keeps pushing (and can drive both log-probs down)
+    At the start policy = reference, so h = 0 and the DPO loss is ln 2 for every pair."""
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    if loss_type == "dpo":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown loss {loss_type!r}")
+    chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
+    rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def batch_stats(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected) -> dict:
+    """What DPO logs. reward_accuracy: the share of pairs whose chosen response has the higher
+    implicit reward (a tie, as at step 0, counts one half: a coin flip)."""
+    margin = chosen_rewards - rejected_rewards
+    return {
+        "loss": losses.mean().item(),
+        "reward_accuracy": ((margin > 0).float() + 0.5 * (margin == 0).float()).mean().item(),
+        "margin": margin.mean().item(),
+        "chosen_reward": chosen_rewards.mean().item(),
+        "rejected_reward": rejected_rewards.mean().item(),
+        "chosen_logp": policy_chosen.detach().mean().item(),
+        "rejected_logp": policy_rejected.detach().mean().item(),
+    }
+
+
+# -----------------------------------------------------------------------------
+# Main
+
+
+def main(cfg: DPOConfig) -> str:
+    """Train; returns the checkpoint directory."""
+    device = get_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+
+    # data first: a bad file fails here, before a model is loaded or anything is written
+    if not cfg.init:
+        raise UserError("--init is required: the checkpoint that the policy starts from and the reference stays at")
+    if bool(cfg.data) == bool(cfg.world_pairs):
+        raise UserError("give exactly one of --data (a preference JSONL) and --world_pairs N")
+    prefs = load_preference_data(cfg.data) if cfg.data else None
+    ckpt_dir = prepare_out_dir(cfg)
+    # the reference is the starting model, frozen (eval mode: no dropout, no gradients)
+    overrides = {"max_seq_len": cfg.max_seq_len} if cfg.max_seq_len else {}
+    reference, tok = load_checkpoint(cfg.init, device, **overrides)
+    reference.eval().requires_grad_(False)
+
+    world_file = os.path.join(cfg.out_dir, "world_pairs.jsonl")
+    if cfg.world_pairs:
+        if cfg.resume and os.path.exists(world_file):  # the pairs this run was trained on
+            rows = [obj for _, obj in read_jsonl(world_file)]
+        else:
+            rows = world_preferences(reference, tok, cfg)
+            write_jsonl(world_file, rows)
+        prefs = [Preference(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
+
+    # train / eval split, then token ids; over-long pairs are dropped and counted
+    order = list(range(len(prefs)))
+    random.Random(cfg.seed).shuffle(order)
+    n_eval = int(len(prefs) * cfg.eval_frac) if len(prefs) >= 20 else 0
+    eval_prefs, train_prefs = [prefs[i] for i in order[:n_eval]], [prefs[i] for i in order[n_eval:]]
+    max_len = reference.config.max_seq_len
+    train_pairs = encode_pairs(tok, train_prefs, max_len, "train")
+    eval_pairs = encode_pairs(tok, eval_prefs, max_len, "eval")
+    if not train_pairs:
+        raise UserError(f"no training pair fits in {max_len} tokens")
+    if cfg.batch_size > len(train_pairs):
+        raise UserError(f"--batch_size {cfg.batch_size} > {len(train_pairs)} training pairs")
+    steps_per_epoch = max(1, len(train_pairs) // (cfg.batch_size * cfg.grad_accum))
+    max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    print(f"dpo: {len(train_pairs)} train pairs, {len(eval_pairs)} eval pairs; {max_steps} steps "
+          f"of {cfg.batch_size * cfg.grad_accum} pairs ({max_steps / steps_per_epoch:.2f} epochs)")
+
+    if cfg.precompute_ref:  # log π_ref once, then only the policy sits in memory
+        reference_logps(reference, train_pairs + eval_pairs, tok.pad_id, device)
+        reference = None
+    policy, _ = load_checkpoint(ckpt_dir if cfg.resume else cfg.init, device, dropout=cfg.dropout, **overrides)
+    print(f"policy: {policy.num_params() / 1e6:.2f}M parameters, device {device}")
+
+    def reference_of(chunk, ids, mask):
+        if reference is None:
+            return (torch.tensor([p["ref_chosen"] for p in chunk], device=device),
+                    torch.tensor([p["ref_rejected"] for p in chunk], device=device))
+        with torch.no_grad(), autocast(device):
+            return response_logps(reference, ids, mask)
+
+    def forward(model, chunk):
+        ids, mask = (t.to(device) for t in pair_batch(chunk, tok.pad_id))
+        with autocast(device):
+            policy_chosen, policy_rejected = response_logps(model, ids, mask)
+        ref_chosen, ref_rejected = reference_of(chunk, ids, mask)
+        losses, cr, rr = preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                                         cfg.beta, cfg.loss, cfg.label_smoothing)
+        return losses, batch_stats(losses, cr, rr, policy_chosen, policy_rejected)
+
+    @torch.no_grad()
+    def evaluate_pairs():
+        """The same statistics on the held-out pairs, dropout off."""
+        policy.eval()
+        totals, n = {}, 0
+        for s in range(0, len(eval_pairs), 64):
+            chunk = eval_pairs[s : s + 64]
+            _, stats = forward(policy, chunk)
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + v * len(chunk)
+            n += len(chunk)
+        policy.train()
+        return {f"eval_{k}": v / n for k, v in totals.items()}
+
+    optimizer = configure_optimizer(policy, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)
+    step = 0
+    if cfg.resume:
+        step = load_trainer_state(cfg, optimizer, device)["step"]
+        print(f"resumed at step {step}")
+        if step >= max_steps:
+            print(f"nothing to do: the checkpoint is at step {step} of {max_steps}")
+            return ckpt_dir
+    train_model = torch.compile(policy) if cfg.compile else policy
+
+    eval_before = evaluate_pairs() if eval_pairs and step == 0 else {}
+    policy.train()
+    pbar = tqdm(range(step, max_steps), initial=step, total=max_steps, desc="dpo", dynamic_ncols=True)
+    t0 = time.time()
+    for step in pbar:
+        torch.manual_seed(cfg.seed + step)  # dropout masks: a function of the step, for --resume
+        lr = lr_schedule(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, max_steps)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        stats = {}
+        for k in range(cfg.grad_accum):  # equal-sized micro-batches: a plain mean is exact
+            chunk = [train_pairs[i] for i in epoch_batch(len(train_pairs), cfg.batch_size, cfg.seed,
+                                                          step * cfg.grad_accum + k)]
+            losses, s = forward(train_model, chunk)
+            (losses.mean() / cfg.grad_accum).backward()
+            for key, v in s.items():
+                stats[key] = stats.get(key, 0.0) + v / cfg.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip).item()
+        check_finite(step + 1, cfg.out_dir, loss=stats["loss"], grad_norm=grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        row = {"step": step + 1, **stats, "grad_norm": grad_norm, "lr": lr}
+        pbar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['reward_accuracy']:.2f}",
+                         margin=f"{stats['margin']:.2f}")
+        last = step + 1 == max_steps
+        if eval_pairs and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
+            row.update(evaluate_pairs())
+            row["pairs_per_s"] = (step + 1 - pbar.initial) * cfg.batch_size * cfg.grad_accum / (time.time() - t0)
+            tqdm.write(f"step {step + 1}: loss {row['loss']:.4f} eval_loss {row['eval_loss']:.4f} "
+                       f"eval reward accuracy {row['eval_reward_accuracy']:.3f} eval margin {row['eval_margin']:.3f} "
+                       f"chosen logp {row['eval_chosen_logp']:.2f} rejected logp {row['eval_rejected_logp']:.2f}")
+        log_metrics(cfg.out_dir, row)
+        if last or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+            save_checkpoint(policy, tok, cfg, optimizer, step + 1)
+    if eval_before:
+        print(f"held-out pairs, before -> after: reward accuracy {eval_before['eval_reward_accuracy']:.3f} -> "
+              f"{row['eval_reward_accuracy']:.3f}, chosen logp {eval_before['eval_chosen_logp']:.2f} -> "
+              f"{row['eval_chosen_logp']:.2f}, rejected logp {eval_before['eval_rejected_logp']:.2f} -> "
+              f"{row['eval_rejected_logp']:.2f}")
+    if cfg.world_pairs and cfg.n_eval_world:
+        world_report(cfg, policy, tok, device)
+    print(f"saved {ckpt_dir}")
+    return ckpt_dir
+
+
+def world_report(cfg: DPOConfig, policy, tok, device):
+    """The oracle's verdict on held-out world prompts: the starting model vs the trained one,
+    same prompts, same seed, with a paired bootstrap interval."""
+    import evaluate
+
+    eval_tasks = tasks.eval_prompts(cfg.world_seed + 3, cfg.n_eval_world)
+    start, _ = load_checkpoint(cfg.init, device)
+    results = {}
+    for name, model in (("before", start), ("after", policy)):
+        gen = torch.Generator(device).manual_seed(cfg.seed)
+        results[name] = evaluate.instruction_following(model.eval(), tok, eval_tasks, cfg.temperature, gen,
+                                                       cfg.max_new_tokens, top_p=cfg.top_p)
+    c = evaluate.compare(results["after"]["points"], results["before"]["points"], seed=cfg.seed)
+    print(f"held-out world prompts ({len(eval_tasks)}, T={cfg.temperature}), oracle mean points: "
+          f"{results['before']['oracle_mean']:.2f} -> {results['after']['oracle_mean']:.2f} "
+          f"(difference {c['mean_diff']:+.2f}, 95% CI {c['mean_diff_ci'][0]:+.2f} .. {c['mean_diff_ci'][1]:+.2f}); "
+          f"exact-correct {100 * results['before']['exact_correct']:.1f}% -> {100 * results['after']['exact_correct']:.1f}%; "
+          f"after vs before win/tie/loss {c['win']:.1f}/{c['tie']:.1f}/{c['loss']:.1f}")
+
+
+if __name__ == "__main__":
+    cli(main, DPOConfig, __doc__)
