@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,12 @@ class Tokenizer:
             # positions are masked everywhere (attention, losses, log-probs)
             self.pad_id = next(i for i in (self.bos_id, 0, 1) if i is not None and i != self.eos_id)
         self.user_start_id = tk.token_to_id(USER_START)
+        # the chat format (see "Chat template" below); load_tokenizer sets these from a
+        # model's own chat template, and a script's --system sets `system`
+        self.template_bos = self.bos_id is not None  # does the template open with BOS?
+        self.default_system: str | None = None  # system prompt the template adds when none is given
+        self.system: str | None = None  # this run's system message (None: none given)
+        self.files: dict[str, str] = {}  # tokenizer_config.json, chat_template.jinja: saved back as read
 
     @property
     def vocab_size(self) -> int:
@@ -71,6 +78,16 @@ class Tokenizer:
 
     def save(self, path: str):
         self.tk.save(path)
+
+    def config_files(self) -> dict[str, str]:
+        """The files beside tokenizer.json that tell transformers how to use it: an HF model's
+        own, unchanged; for tinyalign's tokenizer, its special tokens and its chat template
+        (so AutoTokenizer.apply_chat_template renders exactly what encode_prompt does)."""
+        if self.files:
+            return dict(self.files)
+        return {"tokenizer_config.json": json.dumps({
+            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": END_OF_TURN,
+            "pad_token": PAD, "chat_template": TINYALIGN_CHAT_TEMPLATE}, indent=2)}
 
 
 def train_tokenizer(texts, vocab_size: int) -> Tokenizer:
@@ -131,7 +148,31 @@ def load_tokenizer(path: str) -> Tokenizer:
         eos = END_OF_TURN
     if eos is None:
         raise UserError(f"{directory}: cannot tell the EOS token (no tokenizer_config.json eos_token)")
-    return Tokenizer(tk, bos, eos, pad)
+    tok = Tokenizer(tk, bos, eos, pad)
+    files = {name: open(os.path.join(directory, name), encoding="utf-8").read()
+             for name in ("tokenizer_config.json", "chat_template.jinja")
+             if os.path.exists(os.path.join(directory, name))}
+    tok.files = files
+    template = files.get("chat_template.jinja") or conf.get("chat_template")
+    if isinstance(template, list):  # several named templates: the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if template:
+        tok.template_bos, tok.default_system = read_chat_template(template, directory)
+    return tok
+
+
+def read_chat_template(template: str, where: str) -> tuple[bool, str | None]:
+    """What a model's own (Jinja) chat template does, for the one-user-turn conversations
+    tinyalign renders: (does it open with the BOS token?, the system prompt it inserts when
+    the conversation has none, or None). tinyalign renders ChatML itself instead of running
+    Jinja (not a dependency), so a template of another family is refused, never guessed."""
+    if USER_START not in template or END_OF_TURN not in template:
+        raise UserError(f"{where}: the chat template is not ChatML (<|im_start|>role ... <|im_end|>); "
+                        "tinyalign renders ChatML chat models (SmolLM2, Qwen2) and base models")
+    # a default system turn is a literal '<|im_start|>system\n...<|im_end|>' in the template
+    m = re.search(r"<\|im_start\|>system\s*\n(.*?)<\|im_end\|>", template, re.DOTALL)
+    default = m.group(1) if m and "{{" not in m.group(1) and "{%" not in m.group(1) else None
+    return "bos_token" in template, default
 
 
 # -----------------------------------------------------------------------------
@@ -144,10 +185,29 @@ def _marker(tok: Tokenizer, text: str) -> list[int]:
     return [i] if i is not None else tok.encode(text)
 
 
+# tinyalign's own chat template in Jinja, saved with its checkpoints so that transformers'
+# apply_chat_template renders what encode_prompt / encode_chat do (tested).
+TINYALIGN_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+    "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
 def encode_prompt(tok: Tokenizer, prompt: str) -> list[int]:
-    """The prompt part of the template, up to and including 'assistant\\n': what the model
-    is conditioned on when it answers."""
-    ids = [tok.bos_id] if tok.bos_id is not None else []
+    """The prompt part of the chat template, up to and including the assistant header: what
+    the model is conditioned on when it answers. The one template function of the project.
+
+    ChatML, rendered as the model's own template renders one user turn:
+        [BOS] [<|im_start|>system\n{system}<|im_end|>\n] <|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n
+    BOS only where the template puts one (tinyalign's does; SmolLM2's does not: its BOS IS
+    <|im_start|>). The system turn carries --system, or else the template's default system
+    prompt if it has one (SmolLM2's inserts "You are a helpful AI assistant named SmolLM...").
+    Markers enter by id; text is encoded one piece per turn (special tokens split the text
+    anyway, so this equals encoding the whole rendered string)."""
+    ids = [tok.bos_id] if tok.template_bos and tok.bos_id is not None else []
+    system = tok.system if tok.system is not None else tok.default_system
+    if system is not None:
+        ids += _marker(tok, USER_START) + tok.encode("system\n" + system)
+        ids += _marker(tok, END_OF_TURN) + tok.encode("\n")
     ids += _marker(tok, USER_START) + tok.encode("user\n" + prompt)
     ids += _marker(tok, END_OF_TURN) + tok.encode("\n")
     ids += _marker(tok, USER_START) + tok.encode("assistant\n")

@@ -50,6 +50,7 @@ class DPOConfig:
     world_pairs: int = 0  # instead of --data: this many oracle-ranked pairs sampled from --init
     out_dir: str = "runs/dpo"
     eval_frac: float = 0.05  # share of the pairs held out for the evaluation metrics
+    system: str = ""  # a system message for every prompt (default: none; a real model's template may add its own)
     seed: int = 1337
     world_seed: int = 0
     # the loss
@@ -249,6 +250,7 @@ def main(cfg: DPOConfig) -> str:
     # the reference is the starting model, frozen (eval mode: no dropout, no gradients)
     overrides = {"max_seq_len": cfg.max_seq_len} if cfg.max_seq_len else {}
     reference, tok = load_checkpoint(cfg.init, device, **overrides)
+    tok.system = cfg.system or None
     reference.eval().requires_grad_(False)
 
     world_file = os.path.join(cfg.out_dir, "world_pairs.jsonl")

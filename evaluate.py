@@ -218,7 +218,7 @@ def judged_head_to_head(judge_model, judge_tok, template: str, prompts: list[str
               temperature=temperature, top_p=top_p)
     passes = [judge(judge_model, judge_tok, template, a_items + b_items, desc=f"judging, pass {k + 1}/2", **kw)
               for k in range(2)]
-    win = loss = 0
+    outcome = [0] * n  # per prompt: +1 A wins, -1 B wins, 0 tie
     for i in range(n):
         if responses_a[i] is None or responses_b[i] is None:
             continue  # nothing to compare: a tie
@@ -226,11 +226,12 @@ def judged_head_to_head(judge_model, judge_tok, template: str, prompts: list[str
         for js in passes:
             a, b = js[i].score, js[n + i].score
             verdicts.append(None if a is None or b is None else (a > b) - (a < b))
-        if verdicts == [1, 1]:
-            win += 1
-        elif verdicts == [-1, -1]:
-            loss += 1
+        if verdicts in ([1, 1], [-1, -1]):
+            outcome[i] = verdicts[0]
+    win, loss = outcome.count(1), outcome.count(-1)
+    m, lo, hi = bootstrap_mean(outcome)
     return {"win": 100 * win / n, "tie": 100 * (n - win - loss) / n, "loss": 100 * loss / n,
+            "margin": 100 * m, "margin_ci": [100 * lo, 100 * hi], "sign_test_p": sign_test(win, loss),
             "parse_failure_rate": 100 * parse_failure_rate(passes[0] + passes[1])}
 
 

@@ -590,8 +590,9 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
 
 def save_pretrained(model: Transformer, path: str, tokenizer=None, extra_files: dict | None = None,
                     metadata: dict | None = None):
-    """Write model.safetensors + config.json (+ tokenizer.json, + extra files: name -> str or
-    bytes) into the directory `path`. Like transformers, it touches no other file there.
+    """Write model.safetensors + config.json (+ tokenizer.json and its tokenizer_config.json,
+    + extra files: name -> str or bytes) into the directory `path`. Like transformers, it
+    touches no other file there.
 
     Every file is first written under a hidden temp name in the same directory, then renamed
     over its final name (atomic on one filesystem): a crash or Ctrl-C while writing leaves the
@@ -616,6 +617,8 @@ def save_pretrained(model: Transformer, path: str, tokenizer=None, extra_files: 
     writers = {}  # final name -> function writing the file at a given path; renamed in this order
     if tokenizer is not None:
         writers["tokenizer.json"] = tokenizer.save
+        for name, content in getattr(tokenizer, "config_files", dict)().items():
+            writers[name] = write_text(content)  # tokenizer_config.json, chat template
     for name, content in (extra_files or {}).items():  # e.g. the trainer's config and state
         writers[name] = write_text(content)
     writers["config.json"] = write_text(json.dumps(config_to_hf(cfg), indent=2))

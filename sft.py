@@ -42,12 +42,14 @@ class SFTConfig:
     init: str = ""  # checkpoint directory to start from; pretrain without it starts from scratch
     data: str = ""  # sft: a JSONL file in any data.py format; pretrain: a .txt file (blank-line separated documents). Empty: the task world
     eval_frac: float = 0.05  # share of --data held out for the evaluation loss
+    system: str = ""  # a system message for every prompt (default: none; a real model's template may add its own)
     # the task world (used when --data is empty)
     seed: int = 1337
     world_seed: int = 0  # the world's data are generated from this seed
     corpus_docs: int = 20000  # pretrain: documents in the noisy corpus
     ift: int = 400  # sft: instruction-following demonstrations
     eft: int = 400  # sft: judge demonstrations (0 for the SFT baseline)
+    eft_policy: str = ""  # sft: a checkpoint whose own responses (graded by the oracle) make half of the EFT examples
     # model shape when pretraining from scratch
     vocab_size: int = 1024
     dim: int = 128
@@ -131,9 +133,25 @@ def world_examples(cfg: SFTConfig) -> tuple[list[tuple[str, str]], list[tuple[st
     train = tasks.ift_seed(cfg.world_seed + 1, cfg.ift)
     evals = tasks.ift_seed(cfg.world_seed + 101, max(16, cfg.ift // 10))
     if cfg.eft:
-        train += tasks.eft_seed(cfg.world_seed + 2, cfg.eft, template)
+        train += tasks.eft_seed(cfg.world_seed + 2, cfg.eft, template, policy_responses(cfg))
         evals += tasks.eft_seed(cfg.world_seed + 102, max(16, cfg.eft // 10), template)
     return train, evals
+
+
+def policy_responses(cfg: SFTConfig):
+    """(task, response) pairs sampled from cfg.eft_policy (T = 0.7) on training tasks: the
+    mistakes the judge will have to recognise in the self-rewarding loop. None without it."""
+    if not cfg.eft_policy:
+        return None
+    from evaluate import sample_responses
+
+    model, tok = load_checkpoint(cfg.eft_policy, get_device(cfg.device))
+    rng = random.Random(f"eft-policy/{cfg.world_seed}")
+    todo = [tasks.sample_task(rng, split="train") for _ in range(cfg.eft)]
+    gen = torch.Generator(get_device(cfg.device)).manual_seed(cfg.seed)
+    samples, _ = sample_responses(model.eval(), tok, [t.prompt for t in todo], 2, 0.7, 0.9, 40, generator=gen,
+                                  desc="EFT responses", return_finished=True)  # raw text, as the loop judges it
+    return [(t, r) for t, rs in zip(todo, samples) for r in rs if r is not None]
 
 
 def file_examples(path: str, eval_frac: float, seed: int):
@@ -223,6 +241,7 @@ def main(cfg: SFTConfig) -> str:
     if start_from:
         overrides = {"max_seq_len": cfg.max_seq_len} if cfg.max_seq_len else {}
         model, tok = load_checkpoint(start_from, dropout=cfg.dropout, **overrides)
+        tok.system = cfg.system or None
     else:
         texts = list(train_docs)
         if not cfg.data:
@@ -238,8 +257,8 @@ def main(cfg: SFTConfig) -> str:
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, vocab {tok.vocab_size}, device {device}")
 
     if cfg.mode == "pretrain":
-        if cfg.seq_len >= model.config.max_seq_len:
-            raise UserError(f"--seq_len {cfg.seq_len} must be below the model's context ({model.config.max_seq_len})")
+        if cfg.seq_len > model.config.max_seq_len:
+            raise UserError(f"--seq_len {cfg.seq_len} exceeds the model's context ({model.config.max_seq_len})")
         train_stream = encode_documents(tok, train_docs)
         eval_stream = encode_documents(tok, eval_docs)
         if len(train_stream) <= cfg.seq_len + 1:

@@ -825,26 +825,43 @@ _KINDS_FOR_SCORE = {
 }
 
 
-def eft_seed(seed, n, template):
+def eft_seed(seed, n, template, pool=None, pool_share=0.5):
     """n (filled judge prompt, judge target) pairs on training tasks.
 
     Balanced scores: example i gets the target score i % 6 (then the list is shuffled), so
     each score 0..5 appears n // 6 or n // 6 + 1 times. A judge trained on the natural mix
-    would mostly see 5s and learn to say 5."""
+    would mostly see 5s and learn to say 5.
+
+    pool: optional (task, response) pairs that a model wrote itself. A judge trained only on
+    this file's corruptions meets, in the self-rewarding loop, a policy whose mistakes look
+    different, and misjudges them; so about pool_share of each score's examples come from the
+    pool when it has responses of that score (graded here by the oracle), the rest are
+    corruptions."""
     rng = _rng("eft", seed)
+    by_score = {s: [] for s in range(6)}
+    for task, response in pool or []:
+        by_score[grade(task, response).points].append((task, response))
+    for items in by_score.values():
+        rng.shuffle(items)
     out, seen = [], set()
     for i in range(n):
         target = i % 6
-        for _ in range(10_000):
-            task = sample_task(rng, split="train")
-            response = corrupt(task, rng, rng.choice(_KINDS_FOR_SCORE[target]))
-            g = grade(task, response)
-            if g.points == target and (task.prompt, response) not in seen:
-                break
-        else:
-            raise RuntimeError(f"could not sample an EFT example with score {target}")
+        task = None
+        if by_score[target] and rng.random() < pool_share:
+            while by_score[target] and task is None:
+                task, response = by_score[target].pop()
+                if (task.prompt, response) in seen:
+                    task = None
+        if task is None:
+            for _ in range(10_000):
+                task = sample_task(rng, split="train")
+                response = corrupt(task, rng, rng.choice(_KINDS_FOR_SCORE[target]))
+                if grade(task, response).points == target and (task.prompt, response) not in seen:
+                    break
+            else:
+                raise RuntimeError(f"could not sample an EFT example with score {target}")
         seen.add((task.prompt, response))
-        out.append((judge_prompt(template, task.prompt, response), judge_target(g)))
+        out.append((judge_prompt(template, task.prompt, response), judge_target(grade(task, response))))
     rng.shuffle(out)
     return out
 
