@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -448,6 +449,68 @@ def load_sft_data(path: str) -> list[Example]:
 def load_preference_data(path: str) -> list[Preference]:
     """(prompt, chosen, rejected) triples from a JSONL file; validated like load_sft_data."""
     return [_preference(obj, f"{path}:{n}") for n, obj in read_jsonl(path)]
+
+
+@dataclass
+class Comparison:
+    """One prompt's ranked responses. pairs: (better, worse) indices into responses, one per
+    comparison; scores: the values the ranking came from (oracle points), when there are any."""
+    prompt: str
+    responses: list[str]
+    pairs: list[tuple[int, int]]
+    scores: list[float] | None = None
+
+
+def from_scores(prompt: str, responses: list[str], scores: list[float]) -> Comparison:
+    """Every pair with different scores is a comparison, the higher score preferred; ties give none."""
+    pairs = [(i, j) for i in range(len(responses)) for j in range(len(responses)) if scores[i] > scores[j]]
+    return Comparison(prompt, list(responses), pairs, list(scores))
+
+
+def ranked_comparison(obj: dict, where: str) -> Comparison:
+    """A ranked-list line: {"prompt", "responses": [best..worst]} or with "scores" (ties allowed)."""
+    prompt, responses = obj.get("prompt"), obj.get("responses")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise DataError(f"{where}: 'prompt' must be a non-empty string")
+    if not isinstance(responses, list) or len(responses) < 2 or not all(isinstance(r, str) for r in responses):
+        raise DataError(f"{where}: 'responses' must be a list of at least 2 strings")
+    if len(set(r.strip() for r in responses)) < len(responses):
+        raise DataError(f"{where}: 'responses' holds the same text twice; a response cannot be ranked against itself")
+    scores = obj.get("scores")
+    if scores is None:
+        scores = list(range(len(responses), 0, -1))  # best first
+    elif (not isinstance(scores, list) or len(scores) != len(responses)
+          or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in scores)):
+        raise DataError(f"{where}: 'scores' must be a list of {len(responses)} finite numbers, one per response")
+    return from_scores(prompt.strip(), [r.strip() for r in responses], scores)
+
+
+def load_comparisons(path: str) -> list[Comparison]:
+    """Comparisons from a JSONL file, validated line by line before anything is returned:
+    ranked lists (every line has "responses"), or any preference format of data.py, whose
+    pairs are grouped by prompt (a prompt's pairs are one batch element)."""
+    rows = read_jsonl(path)
+    if "responses" in rows[0][1]:
+        return [ranked_comparison(obj, f"{path}:{n}") for n, obj in rows]
+    groups: dict[str, Comparison] = {}
+    same = 0
+    for p in load_preference_data(path):
+        if p.chosen == p.rejected:
+            same += 1  # no information: the two sides are the same text
+            continue
+        g = groups.setdefault(p.prompt, Comparison(p.prompt, [], []))
+        for text in (p.chosen, p.rejected):
+            if text not in g.responses:
+                g.responses.append(text)
+        g.pairs.append((g.responses.index(p.chosen), g.responses.index(p.rejected)))
+    if same:
+        print(f"{path}: skipped {same} pairs whose chosen and rejected are the same text")
+    return list(groups.values())
+
+
+def comparison_rows(comps: list[Comparison]) -> list[dict]:
+    """Scored comparisons (the world's) in the JSONL form that load_comparisons reads back."""
+    return [{"prompt": c.prompt, "responses": c.responses, "scores": c.scores} for c in comps]
 
 
 def write_json(path: str, obj):

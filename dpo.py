@@ -57,6 +57,7 @@ class DPOConfig:
     loss: str = "dpo"  # "dpo" (Rafailov et al., eq. 7) or "ipo" (Azar et al., eq. 17)
     beta: float = 0.1
     label_smoothing: float = 0.0  # conservative DPO: the chance that a pair's label is flipped
+    nll_coef: float = 0.0  # + α · NLL of the chosen response per token (Pang et al. 2024, "RPO"); keeps log π(y_w) up
     precompute_ref: bool = True  # reference log-probs computed once before training (one model in memory)
     # optimisation (the paper, 70B: lr 1e-6 -> 1e-7, batch 16; small models want larger rates)
     batch_size: int = 16  # pairs per micro-batch (each pair is two sequences)
@@ -88,7 +89,7 @@ class DPOConfig:
         c = self
         check_ranges(c, {
             "loss": (c.loss in ("dpo", "ipo"), "dpo or ipo"), "beta": (c.beta > 0, "> 0"),
-            "label_smoothing": (0 <= c.label_smoothing < 0.5, "in [0, 0.5)"),
+            "label_smoothing": (0 <= c.label_smoothing < 0.5, "in [0, 0.5)"), "nll_coef": (c.nll_coef >= 0, ">= 0"),
             "batch_size": (c.batch_size >= 1, ">= 1"), "grad_accum": (c.grad_accum >= 1, ">= 1"),
             "epochs": (c.epochs > 0, "> 0"), "max_steps": (c.max_steps >= 0, ">= 0"),
             "lr": (c.lr > 0, "> 0"), "min_lr": (0 <= c.min_lr <= c.lr, "between 0 and --lr"),
@@ -299,7 +300,16 @@ def main(cfg: DPOConfig) -> str:
         ref_chosen, ref_rejected = reference_of(chunk, ids, mask)
         losses, cr, rr = preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
                                          cfg.beta, cfg.loss, cfg.label_smoothing)
-        return losses, batch_stats(losses, cr, rr, policy_chosen, policy_rejected)
+        stats = batch_stats(losses, cr, rr, policy_chosen, policy_rejected)
+        if cfg.nll_coef:
+            # Iterative RPO (Pang et al. 2024, eq. 1): L_DPO + α · (-log π(y_w|x) / |y_w|). DPO
+            # alone only widens the margin and may lower log π(y_w) with log π(y_l), moving
+            # mass to responses in neither set; the NLL term holds the chosen one up.
+            n_chosen = mask[: len(chunk), 1:].sum(-1)  # response tokens (EOS included) per chosen row
+            nll = -policy_chosen / n_chosen
+            losses = losses + cfg.nll_coef * nll
+            stats["nll"], stats["loss"] = nll.mean().item(), losses.mean().item()
+        return losses, stats
 
     @torch.no_grad()
     def evaluate_pairs():

@@ -69,13 +69,13 @@ class Config:
     # M0: pretraining
     corpus_docs: int = 20000
     pretrain_steps: int = 1500
-    pretrain_batch_size: int = 32
-    pretrain_seq_len: int = 128
+    pretrain_batch_size: int = 16
+    pretrain_seq_len: int = 256  # the judge's prompts and the few-shot prompts need the whole context
     pretrain_lr: float = 2e-3
     # M1 / SFT baseline
     n_ift: int = 400  # IFT seed size (the paper: 3,200 Open Assistant examples)
-    n_eft: int = 800  # EFT train size (the paper: 1,775)
-    sft_epochs: float = 8.0  # passes over the SFT data: the baseline and M1 see each IFT example equally often
+    n_eft: int = 1200  # EFT train size (the paper: 1,775)
+    sft_epochs: float = 6.0  # passes over the SFT data: the baseline and M1 see each IFT example equally often
     sft_batch_size: int = 32
     sft_lr: float = 5e-4
     dropout: float = 0.1
@@ -88,6 +88,7 @@ class Config:
     pair_judge: str = "self"  # self | oracle | random; a comma list (self,oracle,random) runs a chain each from M1
     aift: str = "pairs"  # pairs: DPO on best-vs-worst pairs; positive: SFT on responses judged 5 (the paper's ablation)
     dpo_beta: float = 0.1
+    dpo_nll_coef: float = 1.0  # DPO + α·NLL of the chosen response (Pang et al. 2024); 0 = plain DPO, which hurt here
     dpo_lr: float = 1e-4
     dpo_epochs: float = 2.0
     dpo_batch_size: int = 16
@@ -99,7 +100,7 @@ class Config:
     temperature: float = 0.7
     top_p: float = 0.9
     max_new_tokens: int = 40  # response budget
-    judge_max_new_tokens: int = 64  # judge's budget (its own, separate from the prompt)
+    judge_max_new_tokens: int = 80  # judge's budget (its own, separate from the prompt)
     eval_batch_size: int = 64
     # a real model and your own files instead of the task world (there is no oracle then)
     init: str = ""  # an HF chat model directory; it is M0 (no pretraining). Needs --prompts
@@ -373,7 +374,8 @@ def iteration(cfg: Config, chain: str, t: int, model_path: str, new_prompts, ora
     t0 = time.time()
     if cfg.aift == "pairs":
         dcfg = dpo.DPOConfig(init=model_path, data=path, out_dir=d, seed=stage_seed(cfg, chain, t, "dpo"),
-                             world_seed=cfg.world_seed, beta=cfg.dpo_beta, lr=cfg.dpo_lr, min_lr=cfg.dpo_lr / 10,
+                             world_seed=cfg.world_seed, beta=cfg.dpo_beta, nll_coef=cfg.dpo_nll_coef,
+                             lr=cfg.dpo_lr, min_lr=cfg.dpo_lr / 10,
                              epochs=cfg.dpo_epochs, batch_size=min(cfg.dpo_batch_size, len(pairs)),
                              warmup_steps=5, eval_every=0, eval_frac=0.0, device=cfg.device,
                              compile=cfg.compile, overwrite=True, system=cfg.system)

@@ -808,9 +808,25 @@ def judge_prompt(template, instruction, response):
     return re.sub(r"\{(instruction|response)\}", lambda m: values[m.group(1)], template)
 
 
-def judge_target(grade):
-    """What the judge should write: the 5 reason lines, then "Score: k"."""
-    return "\n".join(list(grade.reasons) + [f"Score: {grade.points}"])
+def asked_for(task):
+    """What a question asks for, in the judge's words: the kind and the size of the answer."""
+    kind = SPECS[task.family].kind
+    if kind == "number":
+        return "one number"
+    return f"a list of {len(task.answer)} {'numbers' if kind == 'num_list' else 'words'}"
+
+
+def judge_target(task, grade):
+    """What the judge should write: first what the question asks for, then per criterion what
+    it finds and only THEN its point, then "Score: k". Both orders matter to a small judge:
+    it must read the question before the response (a judge that skips it calls
+    "The largest is 88." relevant to a sorting question), and it decides a point better
+    after writing the evidence than before (reason first, then verdict)."""
+    lines = [f"Asked for: {asked_for(task)}."]
+    for reason in grade.reasons:  # "+1 relevant: gives a list of numbers"
+        point, finding = reason.split(" ", 1)
+        lines.append(f"{finding}: {point}")
+    return "\n".join(lines + [f"Score: {grade.points}"])
 
 
 # To reach a target score quickly we draw corruption kinds that often produce it, then keep
@@ -821,8 +837,15 @@ _KINDS_FOR_SCORE = {
     3: ["partly_wrong", "echo"],
     2: ["partly_wrong", "truncated", "echo"],
     1: ["partly_wrong", "looping", "truncated"],
-    0: ["wrong_kind", "no_answer", "truncated", "looping", "echo", "partly_wrong"],
+    0: ["wrong_kind"] * 4 + ["no_answer", "truncated", "looping", "echo", "partly_wrong"],
 }
+
+
+# Target scores of the EFT examples, in turn: every score, and 0 twice. Most zeros are answers
+# of the wrong kind ("The largest is 88." to a sorting question): without many of them a
+# judge learns that the response alone tells the question's kind, and never reads the
+# question; a policy's commonest mistake is exactly that one.
+EFT_SCORES = [0, 0, 1, 2, 3, 4, 5]
 
 
 def eft_seed(seed, n, template, pool=None, pool_share=0.5):
@@ -845,7 +868,7 @@ def eft_seed(seed, n, template, pool=None, pool_share=0.5):
         rng.shuffle(items)
     out, seen = [], set()
     for i in range(n):
-        target = i % 6
+        target = EFT_SCORES[i % len(EFT_SCORES)]
         task = None
         if by_score[target] and rng.random() < pool_share:
             while by_score[target] and task is None:
@@ -861,7 +884,7 @@ def eft_seed(seed, n, template, pool=None, pool_share=0.5):
             else:
                 raise RuntimeError(f"could not sample an EFT example with score {target}")
         seen.add((task.prompt, response))
-        out.append((judge_prompt(template, task.prompt, response), judge_target(grade(task, response))))
+        out.append((judge_prompt(template, task.prompt, response), judge_target(task, grade(task, response))))
     rng.shuffle(out)
     return out
 

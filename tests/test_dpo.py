@@ -280,3 +280,23 @@ def test_world_pairs_are_oracle_ranked_and_saved(m0, tmp_path):
 def test_data_and_world_pairs_are_exclusive(m0, tmp_path):
     with pytest.raises(UserError, match="exactly one"):
         dpo.main(dpo_cfg(tmp_path / "x", init=m0))
+
+
+def test_nll_term_adds_the_chosen_per_token_nll(m0, tmp_path, monkeypatch):
+    """--nll_coef α adds α · (-log π(y_w|x) / |y_w|) per pair (Pang et al. 2024): at step 1
+    (policy = reference) the logged loss is ln 2 + α · the chosen response's mean token NLL,
+    computed here from the model directly."""
+    from data import load_tokenizer
+
+    path = write_prefs(tmp_path / "p.jsonl")
+    cfg = dpo_cfg(tmp_path / "n", init=m0, data=path, nll_coef=0.5, max_steps=1, batch_size=24, eval_frac=0.0)
+    dpo.main(cfg)
+    row = read_metrics(cfg.out_dir)[0]
+    tok, model = load_tokenizer(m0), Transformer.from_pretrained(m0).eval()
+    prefs = dpo.encode_pairs(tok, dpo.load_preference_data(path), 128, "x")
+    with torch.no_grad():
+        ids, mask = dpo.pair_batch(prefs, tok.pad_id)
+        chosen, _ = dpo.response_logps(model, ids, mask)
+    nll = (-chosen / torch.tensor([len(p["chosen"]) for p in prefs])).mean().item()
+    assert row["nll"] == pytest.approx(nll, rel=1e-4)
+    assert row["loss"] == pytest.approx(math.log(2) + 0.5 * nll, rel=1e-4)

@@ -11,8 +11,8 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+import data
 import reward
 import sft
 import tasks
@@ -58,7 +58,7 @@ def test_comparison_loss_equals_a_brute_force_loop_over_pairs():
     prompts of -mean over that prompt's ordered pairs of log σ(r_w - r_l), written as loops."""
     torch.manual_seed(0)
     scores = [[3, 1, 2, 0], [1, 1, 0], [0, 4, 2, 3, 1]]  # ranking values; 1 == 1 is a tie (no pair)
-    groups = [{"prompt": [1], "responses": [[2]] * len(s), "pairs": reward.from_scores("p", ["x"] * len(s), s).pairs,
+    groups = [{"prompt": [1], "responses": [[2]] * len(s), "pairs": data.from_scores("p", ["x"] * len(s), s).pairs,
                "scores": s} for s in scores]
     _, _, win, lose, group = reward.comparison_batch(groups, pad_id=0)
     rewards = torch.randn(sum(len(s) for s in scores)) * 2
@@ -204,24 +204,24 @@ def test_ranked_lists_pairs_and_errors(tmp_path):
     ranked = tmp_path / "ranked.jsonl"
     ranked.write_text(json.dumps({"prompt": "p", "responses": ["a", "b", "c"]}) + "\n"
                       + json.dumps({"prompt": "q", "responses": ["x", "y", "z"], "scores": [1, 3, 1]}) + "\n")
-    a, b = reward.load_comparisons(str(ranked))
+    a, b = data.load_comparisons(str(ranked))
     assert sorted(a.pairs) == [(0, 1), (0, 2), (1, 2)]
     assert sorted(b.pairs) == [(1, 0), (1, 2)]
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("\n".join(json.dumps(r) for r in [
         {"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "a", "rejected": "c"},
         {"prompt": "q", "chosen": "x", "rejected": "y"}, {"prompt": "q", "chosen": "x", "rejected": "x"}]) + "\n")
-    p, q = reward.load_comparisons(str(pairs))
+    p, q = data.load_comparisons(str(pairs))
     assert (p.responses, p.pairs) == (["a", "b", "c"], [(0, 1), (0, 2)])
     assert (q.responses, q.pairs) == (["x", "y"], [(0, 1)])
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "p", "responses": ["a", "b"]}) + "\n"
                    + json.dumps({"prompt": "p", "responses": ["a", "a"]}) + "\n")
     with pytest.raises(DataError, match=rf"{bad}:2: .*same text twice"):
-        reward.load_comparisons(str(bad))
+        data.load_comparisons(str(bad))
     bad.write_text(json.dumps({"prompt": "p", "responses": ["a", "b"], "scores": [1]}) + "\n")
     with pytest.raises(DataError, match=rf"{bad}:1: 'scores'"):
-        reward.load_comparisons(str(bad))
+        data.load_comparisons(str(bad))
 
 
 def test_real_hh_transcripts_become_comparisons():
@@ -232,7 +232,7 @@ def test_real_hh_transcripts_become_comparisons():
         pytest.skip("../shared/data is absent")
     with open(path, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    comps = reward.load_comparisons(path)
+    comps = data.load_comparisons(path)
     assert sum(len(c.pairs) for c in comps) == sum(r["chosen"] != r["rejected"] for r in rows)
     assert len(comps) < len(rows)
     for c in comps:
@@ -275,7 +275,8 @@ def read_jsonl(path):
 
 def test_world_comparisons_are_oracle_ranked_and_the_model_is_normalised(sft_model, tmp_path):
     """--world_prompts: K samples per training prompt, ranked by the oracle (scores = points,
-    a pair only between different points, no held-out prompt); the saved model reloads with its
+    a pair only between different points, no held-out prompt; the pairwise accuracy is measured
+    on held-out prompts only); the saved model reloads with its
     normalisation, under which the saved SFT responses score mean 0 and std 1."""
     cfg = rm_cfg(tmp_path / "w", init=sft_model, world_prompts=48, max_steps=3)
     ckpt = reward.main(cfg)
@@ -286,6 +287,8 @@ def test_world_comparisons_are_oracle_ranked_and_the_model_is_normalised(sft_mod
         assert task is not None and not tasks.is_heldout(task)
         assert r["scores"] == [tasks.grade(task, x).points for x in r["responses"]]
         assert len(set(r["scores"])) >= 2
+    held = read_jsonl(os.path.join(cfg.out_dir, "eval_comparisons.jsonl"))
+    assert held and all(tasks.is_heldout(tasks.parse_task(r["prompt"])) for r in held)
     evals = json.load(open(os.path.join(cfg.out_dir, "rm_eval.json")))
     assert 0 <= evals["eft_eval"]["pairwise_accuracy"] <= 100
     rm, tok = reward.load_reward_model(ckpt)

@@ -630,17 +630,37 @@ def test_eft_seed_balanced_and_consistent_with_the_oracle(n):
         instruction, response = _split_filled(tpl, filled)
         g = grade(parse_task(instruction), response)
         assert g.points == k
-        assert target == tasks.judge_target(g)
-        assert target.splitlines()[:5] == g.reasons
-    if n >= 6:
-        assert set(scores) == set(range(6))
-    assert max(scores.values()) - min(scores[s] for s in range(6)) <= 1
+        assert target == tasks.judge_target(parse_task(instruction), g)
+    # the scores follow tasks.EFT_SCORES in turn (0 counts twice: wrong-kind answers)
+    want = Counter(tasks.EFT_SCORES[i % len(tasks.EFT_SCORES)] for i in range(n))
+    assert scores == want
+    if n >= 7:
+        assert set(scores) == set(range(6)) and scores[0] >= 2 * min(scores.values()) - 1
+
+
+def test_eft_zeros_are_mostly_answers_of_the_wrong_kind():
+    """A judge must read the question: many EFT zeros answer with another family's kind."""
+    tpl = tasks.load_judge_template()
+    kinds = Counter()
+    for filled, target in tasks.eft_seed(5, 700, tpl):
+        if target.endswith("Score: 0"):
+            instruction, response = _split_filled(tpl, filled)
+            kinds[target.splitlines()[1]] += 1
+    wrong_kind = sum(v for k, v in kinds.items() if k.startswith("relevant: no "))
+    assert wrong_kind >= 0.5 * sum(kinds.values()), kinds
 
 
 def test_judge_target_format():
-    g = grade(make_task("add", (1, 2)), "The sum is 4.")
-    lines = tasks.judge_target(g).splitlines()
-    assert lines[:5] == g.reasons and lines[5] == "Score: 3" and len(lines) == 6
+    """What the question asks for, then each criterion's finding before its point, then the score."""
+    task = make_task("add", (1, 2))
+    g = grade(task, "The sum is 4.")
+    assert tasks.judge_target(task, g).splitlines() == [
+        "Asked for: one number.", "relevant: gives one number: +1", "substantial: in the right range: +1",
+        "basic elements: off by at most one: +1", "correct: off by one: +0",
+        "impeccable: earlier point missing: +0", "Score: 3"]
+    sort = make_task("sort_asc", ((5, 2, 9, 1),))
+    assert tasks.judge_target(sort, grade(sort, "The largest is 9.")).splitlines()[:2] == [
+        "Asked for: a list of 4 numbers.", "relevant: no list of numbers: +0"]
 
 
 def test_judge_prompt_fills_and_keeps_braces():

@@ -1,0 +1,624 @@
+"""PPO against a reward model with a per-token KL penalty, and PPO-ptx (InstructGPT step 3).
+
+Four models take part:
+  policy     π      starts as the SFT model; trained
+  value      V      the RM's trunk and head (InstructGPT), or the SFT trunk with a zero head
+                    (--value_init zero); trained: V(s_t) predicts the return from token t on
+  reference  π_ref  the SFT model, frozen: the anchor of the KL penalty
+  reward     r      reward.py's model, frozen (or, with --reward oracle, the world's grader)
+
+One step: sample one response per prompt from π (model.generate, temperature T), score it,
+then a few epochs of clipped PPO updates on that batch. The reward of a response y to prompt x
+is spread over its tokens (InstructGPT eq. 2, written per token as in Ziegler et al. 2019):
+
+    r_t = -β · (log π(y_t | x, y_<t) - log π_ref(y_t | x, y_<t))          every response token
+        + r(x, y)                                                          added at the last one
+
+The first term is the k1 estimate of KL(π || π_ref), token by token: it keeps the policy near
+the SFT model, where the RM is still right (with β too small the policy finds what the RM
+over-rates: the RM score climbs while the oracle's does not). A response that never emits EOS
+gets the fixed score --no_eos_score instead of r(x, y). β is fixed, or adapted towards a target
+KL (--kl_target, Ziegler et al. 2019). Advantages by GAE (γ = 1, λ = 0.95; nothing after the
+last token counts), whitened over the response tokens of the batch. PPO-ptx adds
+γ_ptx · (LM loss on the pretraining corpus) to the policy loss, which keeps the policy a good
+language model where RL does not look (InstructGPT: γ = 27.8, on their loss scale).
+
+    python ppo.py --init runs/default/SFT/model --reward_model runs/rm/model --out_dir runs/ppo
+    python ppo.py ... --ptx_coef 1.0                      # PPO-ptx
+    python ppo.py --init runs/default/SFT/model --reward oracle --value_init zero --out_dir runs/ppo_oracle
+
+Prompts: the task world's training prompts (fresh ones every step), or --data (any data.py SFT
+format; the responses are ignored). Every step logs (tqdm and out_dir/metrics.jsonl) the RM
+score, the oracle score, the KL to the reference, entropy, clip fraction, approx-KL, value loss,
+explained variance, response length and the share of responses without EOS; every --eval_every
+steps the oracle's grade of held-out prompts, the KL from the SFT model there, and the
+pretraining loss on held-out corpus documents (what PPO-ptx protects).
+
+Memory: the policy and the value model are trained, so each costs its weights, gradients and two
+AdamW moments (16 bytes per parameter in fp32); the reference and the RM cost their weights (4
+bytes per parameter). About 40 bytes per model parameter, ten fp32 copies of the model, before
+activations: 36 MB for the 0.9M-parameter cpu preset, ~40 GB for a 1B model. Cheaper layouts
+(not implemented, to keep this file plain): a value head on the policy's trunk (one trained
+model fewer, but the two losses then share features and a learning rate), the frozen reference
+and RM in bf16 or on another device.
+
+Output: out_dir/model/ (the policy, HF layout; its trainer_state.pt also holds the value model,
+its optimizer and β for --resume), out_dir/metrics.jsonl, out_dir/eval.json (SFT vs PPO).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import tasks
+from data import UserError, decode_response, encode_documents, encode_prompt, epoch_batch, load_sft_data, stream_batch
+from model import (autocast, check_checkpoint_dir, check_finite, check_ranges, cli, configure_optimizer, generate,
+                   get_device, load_checkpoint, load_trainer_state, log_metrics, lr_schedule, prepare_out_dir,
+                   save_checkpoint, token_logprobs)
+from reward import load_reward_model
+
+
+@dataclass
+class PPOConfig:
+    init: str = ""  # the SFT checkpoint: the policy starts here and the reference stays here
+    reward_model: str = ""  # reward.py's output (out_dir/model); needed for --reward rm and --value_init rm
+    reward: str = "rm"  # rm: the learned reward model (InstructGPT); oracle: the world's exact grader
+    value_init: str = "rm"  # rm: the value model starts as the RM (InstructGPT); zero: SFT trunk, zero head
+    data: str = ""  # prompts JSONL (any data.py SFT format). Empty: the task world's training prompts
+    out_dir: str = "runs/ppo"
+    seed: int = 1337
+    world_seed: int = 0
+    # rollouts
+    batch_size: int = 64  # prompts per PPO step, one response each
+    max_new_tokens: int = 40
+    temperature: float = 0.7  # of sampling AND of every log-prob: the policy is softmax(logits / T)
+    no_eos_score: float = -3.0  # the score of a response cut by max_new_tokens (RM scores are mean 0, std 1 on SFT)
+    # the reward's KL term
+    kl_coef: float = 0.05  # β
+    kl_target: float = 0.0  # > 0: adapt β so that the KL per response approaches this (Ziegler et al. 2019)
+    kl_horizon: int = 10000  # responses over which the adaptive controller closes the gap
+    # PPO (Schulman et al. 2017)
+    ppo_epochs: int = 4  # passes over each rollout batch
+    minibatch_size: int = 16
+    clip_eps: float = 0.2
+    value_clip: float = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    lr: float = 5e-5
+    value_lr: float = 1e-4
+    min_lr_ratio: float = 0.0  # both learning rates decay linearly to this fraction of themselves
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    max_steps: int = 60  # PPO steps (rollout + update); 60 x 64 prompts: ~5 min on one CPU thread
+    # PPO-ptx
+    ptx_coef: float = 0.0  # γ: weight of the pretraining LM loss in the policy loss (InstructGPT: 27.8)
+    ptx_data: str = ""  # a .txt corpus (blank-line separated documents). Empty: the world's pretraining corpus
+    ptx_batch_size: int = 16  # pretraining windows per minibatch
+    ptx_seq_len: int = 128
+    corpus_docs: int = 20000  # the world's corpus, split as sft.py splits it (the first --eval_frac held out)
+    eval_frac: float = 0.05
+    system: str = ""  # a system message for every prompt (default: none; a real model's template may add its own)
+    # evaluation
+    n_eval: int = 300  # held-out prompts graded before, during and after
+    n_norm: int = 300  # --reward oracle: held-out prompts whose SFT responses normalise the oracle's points
+    eval_every: int = 20
+    eval_temperature: float = 0.7  # the project's evaluation protocol (evaluate.py, self_reward.py)
+    eval_top_p: float = 0.9
+    eval_batches: int = 8  # pretraining-loss windows (of --ptx_batch_size) at each evaluation
+    save_every: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    device: str = "auto"
+
+    def __post_init__(self):
+        c = self
+        check_ranges(c, {
+            "reward": (c.reward in ("rm", "oracle"), "rm or oracle"),
+            "value_init": (c.value_init in ("rm", "zero"), "rm or zero"),
+            "batch_size": (c.batch_size >= 2, ">= 2"), "max_new_tokens": (c.max_new_tokens >= 1, ">= 1"),
+            "temperature": (c.temperature > 0, "> 0"), "kl_coef": (c.kl_coef >= 0, ">= 0"),
+            "kl_target": (c.kl_target >= 0, ">= 0"), "kl_horizon": (c.kl_horizon >= 1, ">= 1"),
+            "ppo_epochs": (c.ppo_epochs >= 1, ">= 1"),
+            "minibatch_size": (1 <= c.minibatch_size <= c.batch_size, "in 1..--batch_size"),
+            "clip_eps": (0 < c.clip_eps < 1, "in (0, 1)"), "value_clip": (c.value_clip > 0, "> 0"),
+            "gamma": (0 < c.gamma <= 1, "in (0, 1]"), "lam": (0 <= c.lam <= 1, "in [0, 1]"),
+            "lr": (c.lr > 0, "> 0"), "value_lr": (c.value_lr > 0, "> 0"),
+            "min_lr_ratio": (0 <= c.min_lr_ratio <= 1, "in [0, 1]"),
+            "warmup_steps": (c.warmup_steps >= 0, ">= 0"), "weight_decay": (c.weight_decay >= 0, ">= 0"),
+            "beta1": (0 <= c.beta1 < 1, "in [0, 1)"), "beta2": (0 <= c.beta2 < 1, "in [0, 1)"),
+            "grad_clip": (c.grad_clip > 0, "> 0"), "max_steps": (c.max_steps >= 1, ">= 1"),
+            "ptx_coef": (c.ptx_coef >= 0, ">= 0"), "ptx_batch_size": (c.ptx_batch_size >= 1, ">= 1"),
+            "ptx_seq_len": (c.ptx_seq_len >= 2, ">= 2"), "corpus_docs": (c.corpus_docs >= 2, ">= 2"),
+            "eval_frac": (0 < c.eval_frac < 1, "in (0, 1)"), "n_eval": (c.n_eval >= 0, ">= 0"),
+            "n_norm": (c.n_norm >= 2, ">= 2"), "eval_every": (c.eval_every >= 0, ">= 0"),
+            "eval_temperature": (c.eval_temperature >= 0, ">= 0"), "eval_top_p": (0 < c.eval_top_p <= 1, "in (0, 1]"),
+            "eval_batches": (c.eval_batches >= 1, ">= 1"), "save_every": (c.save_every >= 0, ">= 0"),
+        })
+
+
+# -----------------------------------------------------------------------------
+# Rollouts: sample, then score every response token under the policy, the reference and V
+
+
+def response_logprobs(model, sequences, attention_mask, prompt_len: int, temperature: float):
+    """log π(y_t | x, y_<t) of every response token and the entropy of π there, (B, N) each.
+    sequences (B, P+N): left-padded prompts in the first P columns, responses after; the logits
+    at column P-1+t predict response token t (the one-token shift), so only those are kept."""
+    logits = model(sequences, attention_mask=attention_mask)[:, prompt_len - 1 : -1]  # (B, N, V)
+    logp = token_logprobs(logits, sequences[:, prompt_len:], temperature)  # fp32, at the sampling T
+    dist = (logits.float() / temperature).log_softmax(-1)
+    entropy = -(dist.exp() * dist).sum(-1)
+    return logp, entropy
+
+
+@torch.no_grad()
+def rollout(policy, reference, value_model, prompts: list[list[int]], cfg: PPOConfig, tok, gen) -> dict:
+    """One response per prompt from the policy, and everything PPO needs about it, (B, N) each:
+    old log-probs (recomputed by a full forward, the same computation as the update's, so the
+    first ratio is exactly 1), the reference's log-probs, the values V(s_t) and the entropy.
+    Every tensor is zero after a row's last token (response_mask 0: padding after EOS)."""
+    g = generate(policy, prompts, cfg.max_new_tokens, tok.eos_id, tok.pad_id, temperature=cfg.temperature,
+                 generator=gen)
+    seq, attn = g.sequences, g.attention_mask
+    P = seq.shape[1] - g.tokens.shape[1]  # width of the left-padded prompts
+    mask = g.response_mask.float()  # (B, N): 1 on response tokens, EOS included
+    device = seq.device
+    with autocast(device):
+        logprobs, entropy = response_logprobs(policy, seq, attn, P, cfg.temperature)
+        ref_logprobs, _ = response_logprobs(reference, seq, attn, P, cfg.temperature)
+        values = value_model(seq, attn)[:, P - 1 : -1].float()  # V of the state before each response token
+    return {"sequences": seq, "attention_mask": attn, "prompt_len": P, "tokens": g.tokens, "finished": g.finished,
+            "response_mask": mask, "logprobs": logprobs * mask, "ref_logprobs": ref_logprobs * mask,
+            "values": values * mask, "entropy": entropy * mask}
+
+
+# -----------------------------------------------------------------------------
+# Rewards and advantages
+
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x, mask, eps: float = 1e-8):
+    """(x - mean) / std with mean and std over the masked-in entries only, 0 elsewhere: padding
+    after EOS must not pull the statistics towards 0."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def per_token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef: float):
+    """r_t = -β (log π - log π_ref) on every response token, plus the sequence's score on its
+    last token (InstructGPT eq. 2 per token). scores (B,); the rest (B, N).
+    Returns rewards (B, N) and the per-token KL estimate (k1) (B, N)."""
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = -kl_coef * kl
+    last = mask.sum(-1).long() - 1  # the last response token: EOS, or where max_new_tokens cut it
+    rewards[torch.arange(len(scores), device=scores.device), last] += scores
+    return rewards, kl
+
+
+def gae(rewards, values, mask, gamma: float, lam: float):
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16), backwards over tokens:
+        δ_t = r_t + γ V(s_{t+1}) - V(s_t),   A_t = δ_t + γ λ A_{t+1}
+    The episode ends at the last response token: V after it is 0 and nothing after it counts.
+    rewards, values, mask (B, N) -> advantages, returns = A + V (the value targets), (B, N), 0
+    after the end."""
+    B, N = rewards.shape
+    advantages = torch.zeros_like(rewards)
+    next_adv = torch.zeros(B, device=rewards.device)
+    for t in reversed(range(N)):
+        next_value = values[:, t + 1] * mask[:, t + 1] if t + 1 < N else torch.zeros_like(next_adv)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]
+        advantages[:, t] = next_adv
+    return advantages, (advantages + values) * mask
+
+
+def update_kl_coef(kl_coef: float, kl: float, n: int, target: float, horizon: int) -> float:
+    """The adaptive KL controller of Ziegler et al. 2019 (section 2.2): β ← β (1 + K_β e) with
+    e = clip(KL / KL_target - 1, -0.2, 0.2); K_β = n / horizon for n new responses, as in their
+    code (lm-human-preferences). β grows while the KL is above target and shrinks below it."""
+    error = min(max(kl / target - 1, -0.2), 0.2)
+    return kl_coef * (1 + error * n / horizon)
+
+
+# -----------------------------------------------------------------------------
+# The losses
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float):
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), negated to be minimised:
+        L = -E_t[ min(ρ_t A_t, clip(ρ_t, 1 - ε, 1 + ε) A_t) ],   ρ_t = π(y_t) / π_old(y_t)
+    Once ρ has moved past 1 + ε in the direction A favours (or below 1 - ε against it) the
+    clipped term is the smaller and the gradient is 0: one batch cannot push the policy far.
+    All (B, N); the mean is over response tokens. Returns (loss, stats)."""
+    log_ratio = logprobs - old_logprobs
+    ratio = log_ratio.exp()
+    losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps))
+    with torch.no_grad():
+        stats = {
+            "clip_frac": masked_mean(((ratio - 1).abs() > clip_eps).float(), mask).item(),
+            # KL(π_old || π) by the k3 estimator (ρ - 1) - log ρ: >= 0 and low-variance
+            "approx_kl": masked_mean(ratio - 1 - log_ratio, mask).item(),
+            "ratio_dev": ((ratio - 1).abs() * mask).max().item(),
+        }
+    return masked_mean(losses, mask), stats
+
+
+def value_loss(values, old_values, returns, mask, clip: float):
+    """Clipped value loss (as in OpenAI baselines' PPO2): the larger of the squared errors of the
+    new value and of the new value clipped to old ± clip, so V too moves little per batch."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    losses = torch.max((values - returns) ** 2, (clipped - returns) ** 2)
+    return 0.5 * masked_mean(losses, mask), masked_mean(((values - old_values).abs() > clip).float(), mask).item()
+
+
+def explained_variance(values, returns, mask) -> float:
+    """1 - Var(returns - V) / Var(returns) over response tokens: 1 is a perfect value model,
+    0 no better than a constant, below 0 worse."""
+    var = lambda x: masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+    return (1 - var(returns - values) / var(returns).clamp(min=1e-8)).item()
+
+
+# -----------------------------------------------------------------------------
+# One PPO step
+
+
+def ppo_update(policy, value_model, policy_opt, value_opt, batch: dict, cfg: PPOConfig, gen, ptx_stream=None) -> dict:
+    """cfg.ppo_epochs passes over the batch in shuffled minibatches; each minibatch takes one
+    step of the policy (clipped loss, + γ_ptx · LM loss) and one of the value model."""
+    B, P = batch["sequences"].shape[0], batch["prompt_len"]
+    device = batch["sequences"].device
+    sums, n = {}, 0
+    for epoch in range(cfg.ppo_epochs):
+        order = torch.randperm(B, generator=gen)
+        for s in range(0, B, cfg.minibatch_size):
+            idx = order[s : s + cfg.minibatch_size].to(device)
+            seq, attn, mask = batch["sequences"][idx], batch["attention_mask"][idx], batch["response_mask"][idx]
+            with autocast(device):
+                logprobs, _ = response_logprobs(policy, seq, attn, P, cfg.temperature)
+            pg_loss, stats = policy_loss(logprobs, batch["logprobs"][idx], batch["advantages"][idx], mask, cfg.clip_eps)
+            loss = pg_loss
+            if cfg.ptx_coef > 0:
+                # PPO-ptx: the pretraining objective on fresh corpus windows (InstructGPT eq. 2, last term)
+                x, y = (t.to(device) for t in stream_batch(ptx_stream, cfg.ptx_batch_size, cfg.ptx_seq_len, gen))
+                with autocast(device):
+                    logits = policy(x)
+                stats["ptx_loss"] = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+                loss = loss + cfg.ptx_coef * stats["ptx_loss"]
+                stats["ptx_loss"] = stats["ptx_loss"].item()
+            policy_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            stats["policy_grad_norm"] = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip).item()
+            policy_opt.step()
+
+            with autocast(device):
+                values = value_model(seq, attn)[:, P - 1 : -1].float()
+            vf_loss, stats["value_clip_frac"] = value_loss(values, batch["values"][idx], batch["returns"][idx], mask,
+                                                           cfg.value_clip)
+            value_opt.zero_grad(set_to_none=True)
+            vf_loss.backward()
+            stats["value_grad_norm"] = torch.nn.utils.clip_grad_norm_(value_model.parameters(), cfg.grad_clip).item()
+            value_opt.step()
+
+            stats.update(pg_loss=pg_loss.item(), value_loss=vf_loss.item())
+            if n == 0:
+                # the first minibatch sees the very weights that scored the rollout: ρ must be 1
+                # (if not, dropout is on or the temperatures differ). Bit for bit in fp32 on the
+                # CPU; under bf16 autocast a minibatch and the whole batch may round differently.
+                stats["first_ratio_dev"] = stats["ratio_dev"]
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n += 1
+    out = {k: v / n for k, v in sums.items() if k not in ("first_ratio_dev", "ratio_dev")}
+    out["first_ratio_dev"] = sums["first_ratio_dev"]
+    return out
+
+
+def ppo_step(policy, reference, value_model, policy_opt, value_opt, prompts: list[list[int]], score_fn,
+             kl_coef: float, cfg: PPOConfig, tok, sample_gen, gen, ptx_stream=None) -> dict:
+    """Rollout -> scores (score_fn(batch) -> ((B,) scores, stats)) -> per-token rewards -> GAE
+    -> whitened advantages -> PPO epochs. Returns the step's statistics."""
+    batch = rollout(policy, reference, value_model, prompts, cfg, tok, sample_gen)
+    scores, stats = score_fn(batch)
+    mask = batch["response_mask"]
+    rewards, kl = per_token_rewards(scores, batch["logprobs"], batch["ref_logprobs"], mask, kl_coef)
+    advantages, returns = gae(rewards, batch["values"], mask, cfg.gamma, cfg.lam)
+    batch["advantages"], batch["returns"] = masked_whiten(advantages, mask), returns
+    stats.update({
+        "score": scores.mean().item(),
+        "kl": kl.sum(-1).mean().item(),  # KL(π || π_ref) per response, summed over its tokens
+        "kl_coef": kl_coef,
+        "entropy": masked_mean(batch["entropy"], mask).item(),
+        "response_len": mask.sum(-1).mean().item(),
+        "no_eos": 1 - batch["finished"].float().mean().item(),
+        "explained_var": explained_variance(batch["values"], returns, mask),
+        "value_mean": masked_mean(batch["values"], mask).item(),
+    })
+    stats.update(ppo_update(policy, value_model, policy_opt, value_opt, batch, cfg, gen, ptx_stream))
+    return stats
+
+
+# -----------------------------------------------------------------------------
+# Scores: the reward model or the oracle, and the penalty for no EOS
+
+
+@torch.no_grad()
+def score_rollout(batch: dict, prompt_tasks: list, reward_model, tok, cfg: PPOConfig, oracle_norm) -> tuple:
+    """The sequence score r(x, y) of each response, (B,), and what to log about them.
+    rm: the reward model at the last real token (normalised: mean 0, std 1 on SFT responses).
+    oracle: the world's points, normalised the same way, (points - mean) / std over SFT responses.
+    Either way a response without EOS scores --no_eos_score. The other score is logged when it
+    can be computed: RM score and oracle points side by side show reward hacking."""
+    device = batch["sequences"].device
+    finished = batch["finished"]
+    stats, rm_scores, points = {}, None, None
+    if reward_model is not None:
+        with autocast(device):
+            rm_scores = reward_model.reward(batch["sequences"], batch["attention_mask"]).float()
+        if bool(finished.any()):
+            stats["rm_score"] = rm_scores[finished].mean().item()
+    if all(t is not None for t in prompt_tasks):
+        texts = [decode_response(tok, row) for row in batch["tokens"].tolist()]
+        points = torch.tensor([tasks.grade(t, x).points for t, x in zip(prompt_tasks, texts)], dtype=torch.float,
+                              device=device)
+        stats["oracle"] = points.mean().item()
+        stats["exact"] = (points >= 4).float().mean().item()
+    raw = rm_scores if cfg.reward == "rm" else (points - oracle_norm[0]) / oracle_norm[1]
+    scores = torch.where(finished, raw, torch.full_like(raw, cfg.no_eos_score))
+    return scores, stats
+
+
+# -----------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate_policy(policy, reference, reward_model, tok, eval_prompts: list[str], eval_tasks, cfg: PPOConfig,
+                    corpus_eval, device) -> dict:
+    """On held-out prompts: the oracle's grade by the project's protocol (evaluate.py; world
+    prompts only, eval_tasks), the KL from the SFT model and the RM score of responses sampled at
+    the rollout temperature, and the LM loss on held-out pretraining documents."""
+    import evaluate
+
+    out = {}
+    gen = torch.Generator(device).manual_seed(cfg.seed)
+    if eval_tasks:
+        r = evaluate.instruction_following(policy, tok, eval_tasks, cfg.eval_temperature, gen, cfg.max_new_tokens,
+                                           top_p=cfg.eval_top_p)
+        out.update(oracle_mean=r["oracle_mean"], exact_correct=r["exact_correct"], points=r["points"])
+    if eval_prompts:
+        prompts = [ids for ids in (encode_prompt(tok, p) for p in eval_prompts)
+                   if len(ids) + cfg.max_new_tokens <= policy.config.max_seq_len]
+        kls, rms = [], []
+        for s in range(0, len(prompts), 64):
+            chunk = prompts[s : s + 64]
+            g = generate(policy, chunk, cfg.max_new_tokens, tok.eos_id, tok.pad_id, temperature=cfg.temperature,
+                         generator=gen)
+            P = g.sequences.shape[1] - g.tokens.shape[1]
+            with autocast(device):
+                logp, _ = response_logprobs(policy, g.sequences, g.attention_mask, P, cfg.temperature)
+                ref, _ = response_logprobs(reference, g.sequences, g.attention_mask, P, cfg.temperature)
+            kls += ((logp - ref) * g.response_mask).sum(-1).tolist()
+            if reward_model is not None and bool(g.finished.any()):
+                with autocast(device):
+                    scores = reward_model.reward(g.sequences, g.attention_mask).float()
+                rms += scores[g.finished].tolist()
+        if kls:
+            out["kl_from_sft"] = sum(kls) / len(kls)
+        if rms:
+            out["rm_score"] = sum(rms) / len(rms)
+    if corpus_eval is not None:
+        gen = torch.Generator().manual_seed(12345)  # the same windows at every evaluation
+        losses = []
+        for _ in range(cfg.eval_batches):
+            x, y = (t.to(device) for t in stream_batch(corpus_eval, cfg.ptx_batch_size, cfg.ptx_seq_len, gen))
+            with autocast(device):
+                logits = policy(x)
+            losses.append(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1)).item())
+        out["pretrain_loss"] = sum(losses) / len(losses)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Main
+
+
+def main(cfg: PPOConfig) -> str:
+    """Train; returns the checkpoint directory of the policy."""
+    import sft
+
+    device = get_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+
+    # flags and data first: a bad file fails here, before a model is loaded or anything is written
+    if not cfg.init:
+        raise UserError("--init is required: the SFT checkpoint the policy starts from and the reference stays at")
+    needs_rm = cfg.reward == "rm" or cfg.value_init == "rm"
+    if needs_rm and not cfg.reward_model:
+        raise UserError("--reward rm and --value_init rm need --reward_model (reward.py's out_dir/model); "
+                        "for a run without one: --reward oracle --value_init zero")
+    if cfg.data:
+        prompts_all = list(dict.fromkeys(e.prompt for e in load_sft_data(cfg.data)))
+        random.Random(cfg.seed).shuffle(prompts_all)
+        n_eval = min(cfg.n_eval, int(len(prompts_all) * cfg.eval_frac))
+        eval_prompts, train_prompts = prompts_all[:n_eval], prompts_all[n_eval:]
+        eval_tasks = [tasks.parse_task(p) for p in eval_prompts]
+        eval_tasks = eval_tasks if eval_tasks and all(eval_tasks) else None  # the oracle grades world prompts only
+        if cfg.reward == "oracle" and not all(tasks.parse_task(p) for p in train_prompts):
+            raise UserError(f"--reward oracle: some prompts of {cfg.data} are not task-world prompts "
+                            "the oracle can grade")
+        if cfg.ptx_coef > 0 and not cfg.ptx_data:
+            raise UserError("--ptx_coef with --data needs --ptx_data (a .txt corpus of your model's pretraining kind)")
+    else:
+        train_prompts = None
+        eval_tasks = tasks.eval_prompts(cfg.world_seed + 3, cfg.n_eval) if cfg.n_eval else []
+        eval_prompts = [t.prompt for t in eval_tasks]
+    # the pretraining corpus: PPO-ptx trains on it, every evaluation measures the loss on its held-out part
+    corpus_train = corpus_eval = None
+    if cfg.ptx_data:
+        corpus_train, corpus_eval = sft.text_corpus(cfg.ptx_data, cfg.eval_frac)
+    elif not cfg.data:
+        corpus_train, corpus_eval = sft.world_corpus(cfg)  # split exactly as sft.py split it for M0
+    for path in filter(None, [cfg.init, cfg.reward_model]):
+        check_checkpoint_dir(path)  # a wrong path fails before out_dir is touched
+    ckpt_dir = prepare_out_dir(cfg)
+
+    # the four models; dropout 0 in all of them (overriding what the checkpoints say), and eval
+    # mode throughout: the rollout's log-probs and the update's must be the same function
+    reference, tok = load_checkpoint(cfg.init, device, dropout=0.0)
+    tok.system = cfg.system or None
+    reference.eval().requires_grad_(False)
+    policy, _ = load_checkpoint(ckpt_dir if cfg.resume else cfg.init, device, dropout=0.0)
+    policy.eval()
+    reward_model = None
+    if cfg.reward_model:
+        reward_model, rm_tok = load_reward_model(cfg.reward_model, device, head="saved", dropout=0.0)
+        reward_model.eval().requires_grad_(False)
+        if rm_tok.tk.to_str() != tok.tk.to_str():
+            raise UserError(f"--reward_model {cfg.reward_model} and --init {cfg.init} use different tokenizers")
+    if cfg.value_init == "rm":
+        value_model, _ = load_reward_model(cfg.reward_model, device, head="saved", dropout=0.0)
+    else:
+        value_model, _ = load_reward_model(cfg.init, device, head="zero", dropout=0.0)
+    value_model.eval()
+    print(f"policy {policy.num_params() / 1e6:.2f}M parameters; 4 models (policy, value, reference, "
+          f"{'RM' if reward_model is not None else 'no RM: oracle reward'}), device {device}")
+
+    max_prompt = policy.config.max_seq_len - cfg.max_new_tokens
+    if train_prompts is not None:
+        encoded = [(p, encode_prompt(tok, p)) for p in train_prompts]
+        train_prompts = [(p, ids) for p, ids in encoded if len(ids) <= max_prompt]
+        if len(train_prompts) < len(encoded):
+            print(f"{cfg.data}: dropped {len(encoded) - len(train_prompts)} prompts longer than {max_prompt} tokens")
+        if len(train_prompts) < cfg.batch_size:
+            raise UserError(f"--batch_size {cfg.batch_size} > {len(train_prompts)} training prompts")
+    stream_eval = encode_documents(tok, corpus_eval) if corpus_eval else None
+    stream_train = encode_documents(tok, corpus_train) if cfg.ptx_coef > 0 else None
+    for name, s in (("held-out corpus", stream_eval), ("ptx corpus", stream_train)):
+        if s is not None and len(s) <= cfg.ptx_seq_len + 1:
+            raise UserError(f"the {name} has {len(s)} tokens, fewer than one --ptx_seq_len {cfg.ptx_seq_len} window")
+
+    def prompt_batch(step: int):
+        """(token ids, Task or None) of the step's prompts: a pure function of the step."""
+        if train_prompts is None:  # the world: fresh training prompts every step
+            rng = random.Random(f"ppo/{cfg.world_seed}/{cfg.seed}/{step}")
+            batch = [tasks.sample_task(rng, split="train") for _ in range(cfg.batch_size)]
+            return [encode_prompt(tok, t.prompt) for t in batch], batch
+        chosen = [train_prompts[i] for i in epoch_batch(len(train_prompts), cfg.batch_size, cfg.seed, step)]
+        return [ids for _, ids in chosen], [tasks.parse_task(p) for p, _ in chosen]
+
+    policy_opt = configure_optimizer(policy, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)
+    value_opt = configure_optimizer(value_model, cfg.value_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)
+    step, kl_coef, oracle_norm = 0, cfg.kl_coef, None
+    if cfg.resume:
+        state = load_trainer_state(cfg, policy_opt, device)
+        value_model.load_state_dict(state["value_model"])
+        value_opt.load_state_dict(state["value_optimizer"])
+        step, kl_coef, oracle_norm = state["step"], state["kl_coef"], state["oracle_norm"]
+        print(f"resumed at step {step}")
+        if step >= cfg.max_steps:
+            print(f"nothing to do: the checkpoint is at max_steps={cfg.max_steps}")
+            return ckpt_dir
+    if cfg.reward == "oracle" and oracle_norm is None:
+        # normalise the oracle's points like the RM: SFT responses to held-out prompts score mean 0, std 1
+        from evaluate import sample_responses
+
+        norm_tasks = tasks.eval_prompts(cfg.world_seed + 8, cfg.n_norm)
+        texts, ended = sample_responses(reference, tok, [t.prompt for t in norm_tasks], 1, cfg.temperature, 1.0,
+                                        cfg.max_new_tokens, generator=torch.Generator(device).manual_seed(cfg.seed),
+                                        desc="oracle normalisation", return_finished=True)
+        pts = torch.tensor([float(tasks.grade(t, x[0]).points) for t, x, e in zip(norm_tasks, texts, ended) if e[0]])
+        if len(pts) < 2:
+            raise UserError(f"--reward oracle: only {len(pts)} of {len(norm_tasks)} SFT responses ended with EOS; "
+                            "cannot normalise (raise --max_new_tokens)")
+        oracle_norm = (pts.mean().item(), max(pts.std(unbiased=False).item(), 1e-3))
+        print(f"oracle points of SFT responses to {len(pts)} held-out prompts: mean {oracle_norm[0]:.3f}, "
+              f"std {oracle_norm[1]:.3f} (the reward is (points - mean) / std)")
+
+    def do_eval():
+        return evaluate_policy(policy, reference, reward_model, tok, eval_prompts, eval_tasks, cfg, stream_eval, device)
+
+    before = do_eval() if step == 0 else None
+    if before:
+        tqdm.write("SFT (step 0): " + ", ".join(f"{k} {v:.3f}" for k, v in before.items() if k != "points"))
+    pbar = tqdm(range(step, cfg.max_steps), initial=step, total=cfg.max_steps, desc="ppo", dynamic_ncols=True)
+    t0 = time.time()
+    for step in pbar:
+        frac = lr_schedule(step, 1.0, cfg.min_lr_ratio, cfg.warmup_steps, cfg.max_steps)
+        for opt, lr in ((policy_opt, cfg.lr), (value_opt, cfg.value_lr)):
+            for g in opt.param_groups:
+                g["lr"] = lr * frac
+        # every random draw of the step (samples, minibatch order, ptx windows) is a function of
+        # the step, so --resume continues exactly where the run stopped
+        sample_gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_033 + step)
+        prompts, prompt_tasks = prompt_batch(step)
+        stats = ppo_step(policy, reference, value_model, policy_opt, value_opt, prompts,
+                         lambda b: score_rollout(b, prompt_tasks, reward_model, tok, cfg, oracle_norm),
+                         kl_coef, cfg, tok, sample_gen, gen, stream_train)
+        check_finite(step + 1, cfg.out_dir, pg_loss=stats["pg_loss"], value_loss=stats["value_loss"],
+                     policy_grad_norm=stats["policy_grad_norm"], value_grad_norm=stats["value_grad_norm"])
+        if cfg.kl_target > 0:
+            kl_coef = update_kl_coef(kl_coef, stats["kl"], cfg.batch_size, cfg.kl_target, cfg.kl_horizon)
+        row = {"step": step + 1, **stats, "lr": cfg.lr * frac, "elapsed_s": time.time() - t0}
+        pbar.set_postfix({k: f"{stats[k]:.2f}" for k in ("score", "rm_score", "oracle", "kl", "clip_frac")
+                          if k in stats})
+        last = step + 1 == cfg.max_steps
+        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
+            e = do_eval()
+            row.update({f"eval_{k}": v for k, v in e.items() if k != "points"})
+            tqdm.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in e.items() if k != "points"))
+        log_metrics(cfg.out_dir, row)
+        if last or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+            save_checkpoint(policy, tok, cfg, policy_opt, step + 1, extra_state={
+                "value_model": value_model.state_dict(), "value_optimizer": value_opt.state_dict(),
+                "kl_coef": kl_coef, "oracle_norm": oracle_norm})
+    if eval_tasks:
+        final_report(cfg, policy, reference, reward_model, tok, eval_prompts, eval_tasks, stream_eval, device,
+                     before, time.time() - t0)
+    print(f"saved {ckpt_dir}")
+    return ckpt_dir
+
+
+def final_report(cfg, policy, reference, reward_model, tok, eval_prompts, eval_tasks, stream_eval, device, before,
+                 seconds):
+    """SFT vs the trained policy on the held-out prompts, with a paired bootstrap interval;
+    written to out_dir/eval.json."""
+    import evaluate
+    from data import write_json
+
+    if before is None:  # a resumed run: the SFT model is the reference
+        before = evaluate_policy(reference, reference, reward_model, tok, eval_prompts, eval_tasks, cfg, stream_eval,
+                                 device)
+    after = evaluate_policy(policy, reference, reward_model, tok, eval_prompts, eval_tasks, cfg, stream_eval, device)
+    c = evaluate.compare(after["points"], before["points"], seed=cfg.seed)
+    print(f"held-out prompts ({len(eval_tasks)}, T={cfg.eval_temperature}, top-p {cfg.eval_top_p}), oracle mean points "
+          f"SFT {before['oracle_mean']:.3f} -> PPO {after['oracle_mean']:.3f} (difference {c['mean_diff']:+.3f}, "
+          f"95% CI {c['mean_diff_ci'][0]:+.3f} .. {c['mean_diff_ci'][1]:+.3f}); exact-correct "
+          f"{100 * before['exact_correct']:.1f}% -> {100 * after['exact_correct']:.1f}%; win/tie/loss "
+          f"{c['win']:.1f}/{c['tie']:.1f}/{c['loss']:.1f}; KL from SFT {after['kl_from_sft']:.2f} nats; "
+          + (f"RM score {before.get('rm_score', math.nan):+.2f} -> {after['rm_score']:+.2f}; "
+             if "rm_score" in after else "")
+          + (f"pretraining loss {before['pretrain_loss']:.3f} -> {after['pretrain_loss']:.3f}; "
+             if "pretrain_loss" in after else "") + f"{seconds:.0f} s of training")
+    strip = lambda d: {k: v for k, v in d.items() if k != "points"}
+    write_json(os.path.join(cfg.out_dir, "eval.json"), {"sft": strip(before), "ppo": strip(after), "compare": c,
+                                                        "train_seconds": seconds})
+
+
+if __name__ == "__main__":
+    cli(main, PPOConfig, __doc__)
