@@ -347,7 +347,7 @@ def main(argv=None):
     names = [c.strip() for c in bc.configs.split(",") if c.strip()]
     for c in names:
         if c not in MODELS:
-            p.error(f"unknown config {c!r}; choose from {sorted(MODELS)}")
+            raise SystemExit(f"bench.py: unknown config {c!r}; choose from {sorted(MODELS)}")
     gen_batches = [int(b) for b in bc.gen_batches.split(",")]
 
     t_start = time.perf_counter()

@@ -447,8 +447,13 @@ def load_sft_data(path: str) -> list[Example]:
 
 
 def load_preference_data(path: str) -> list[Preference]:
-    """(prompt, chosen, rejected) triples from a JSONL file; validated like load_sft_data."""
-    return [_preference(obj, f"{path}:{n}") for n, obj in read_jsonl(path)]
+    """(prompt, chosen, rejected) triples from a JSONL file; validated like load_sft_data.
+    A file of ranked lists (InstructGPT's comparisons) gives one triple per ranked pair."""
+    rows = read_jsonl(path)
+    if "responses" in rows[0][1]:
+        comps = [ranked_comparison(obj, f"{path}:{n}") for n, obj in rows]
+        return [Preference(c.prompt, c.responses[i], c.responses[j]) for c in comps for i, j in c.pairs]
+    return [_preference(obj, f"{path}:{n}") for n, obj in rows]
 
 
 @dataclass

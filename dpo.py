@@ -14,9 +14,10 @@ the policy may move from the reference: smaller β, weaker anchor.
     python dpo.py --init runs/default/SFT/model --world_pairs 2000 --out_dir runs/dpo_world
 
 --data reads any preference format of data.py ({"prompt","chosen","rejected"}, Anthropic HH
-transcripts). --world_pairs N needs no file: the task world's oracle ranks two samples of
---init per training prompt, and the run ends with the oracle's verdict on held-out prompts,
-before and after.
+transcripts, or ranked lists as reward.py reads them: one pair per ranked comparison).
+--world_pairs N needs no file: the task world's oracle ranks two samples of --init per
+training prompt, and the run ends with the oracle's verdict on held-out prompts, before and
+after.
 
 Output: out_dir/model/ (HF layout, the resolved config, the trainer state for --resume),
 out_dir/metrics.jsonl, and out_dir/world_pairs.jsonl for --world_pairs.

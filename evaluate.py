@@ -5,7 +5,8 @@ this file's command line:
 
   sample_responses   prompts -> N responses each (one batched KV-cache call per batch)
   parse_score        judge text -> score in [0, 5], or None (never a made-up score)
-  judge              LLM-as-a-Judge with judge_prompt.txt, K samples averaged
+  judge              LLM-as-a-Judge with a judge template (judge_prompt.txt in the task world,
+                     judge_prompt_real.txt for a user's --data), K samples averaged
   instruction_following   oracle mean score, exact-correct rate (task world)
   head_to_head       win / tie / loss of model A vs model B, per prompt
   reward_modeling    how well a judge's scores rank responses against the oracle's
@@ -18,6 +19,7 @@ this file's command line:
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
 
@@ -380,7 +382,9 @@ def main(cfg: EvalConfig):
         model, tok = load_checkpoint(path, device)
         return model.eval(), tok
 
-    template = tasks.load_judge_template()
+    # the world's compact judge prompt for world tasks, the real-text one for a user's data
+    template = tasks.load_judge_template(None if not cfg.data else os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "judge_prompt_real.txt"))
     gen = torch.Generator(device).manual_seed(cfg.seed)
     if cfg.data:  # user data: no oracle, a frozen judge decides
         if not (cfg.baseline and cfg.judge):

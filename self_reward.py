@@ -68,20 +68,20 @@ class Config:
     max_seq_len: int = 256
     # M0: pretraining
     corpus_docs: int = 20000
-    pretrain_steps: int = 1500
+    pretrain_steps: int = 900
     pretrain_batch_size: int = 16
     pretrain_seq_len: int = 256  # the judge's prompts and the few-shot prompts need the whole context
     pretrain_lr: float = 2e-3
     # M1 / SFT baseline
     n_ift: int = 400  # IFT seed size (the paper: 3,200 Open Assistant examples)
     n_eft: int = 1200  # EFT train size (the paper: 1,775)
-    sft_epochs: float = 6.0  # passes over the SFT data: the baseline and M1 see each IFT example equally often
+    sft_epochs: float = 4.0  # passes over the SFT data: the baseline and M1 see each IFT example equally often
     sft_batch_size: int = 32
     sft_lr: float = 5e-4
     dropout: float = 0.1
     # the self-rewarding iterations M(t) -> M(t+1)
     iterations: int = 2  # M2, M3 (the paper's AIFT(M1), AIFT(M2))
-    n_prompts: int = 600  # new prompts per iteration
+    n_prompts: int = 500  # new prompts per iteration
     prompt_generator: str = "base"  # base: M0, fixed (the paper's choice); model: M(t) itself; world: the world's sampler
     few_shot: int = 8  # seed instructions shown to the prompt generator
     n_candidates: int = 4  # responses per prompt (the paper: N = 4)

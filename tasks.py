@@ -851,9 +851,10 @@ EFT_SCORES = [0, 0, 1, 2, 3, 4, 5]
 def eft_seed(seed, n, template, pool=None, pool_share=0.5):
     """n (filled judge prompt, judge target) pairs on training tasks.
 
-    Balanced scores: example i gets the target score i % 6 (then the list is shuffled), so
-    each score 0..5 appears n // 6 or n // 6 + 1 times. A judge trained on the natural mix
-    would mostly see 5s and learn to say 5.
+    Balanced scores: example i gets the target score EFT_SCORES[i % 7] (then the list is
+    shuffled), so each score 1..5 appears about n / 7 times and 0 twice as often (most zeros
+    are answers of the wrong kind). A judge trained on the natural mix would mostly see 5s and
+    learn to say 5.
 
     pool: optional (task, response) pairs that a model wrote itself. A judge trained only on
     this file's corruptions meets, in the self-rewarding loop, a policy whose mistakes look

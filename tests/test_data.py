@@ -270,6 +270,16 @@ def test_preference_explicit(tmp_path):
     assert load_preference_data(path) == [Preference("Q?", "good", "bad")]
 
 
+def test_preference_from_ranked_lists(tmp_path):
+    """A ranked list gives one pair per ranked comparison (InstructGPT's K-choose-2), ties none:
+    DPO can then train on the reward model's own comparison file."""
+    path = write(tmp_path, [{"prompt": "Q", "responses": ["a", "b", "c"]},
+                            {"prompt": "R", "responses": ["x", "y", "z"], "scores": [1, 3, 1]}])
+    got = load_preference_data(path)
+    assert sorted((p.prompt, p.chosen, p.rejected) for p in got) == [
+        ("Q", "a", "b"), ("Q", "a", "c"), ("Q", "b", "c"), ("R", "y", "x"), ("R", "y", "z")]
+
+
 def hh(*turns):
     return "".join(f"\n\n{'Human' if i % 2 == 0 else 'Assistant'}: {t}" for i, t in enumerate(turns))
 
