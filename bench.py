@@ -30,7 +30,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model import ModelConfig, Transformer, autocast, generate, get_device, parse_config
+from model import ModelConfig, Transformer, autocast
+from sampling import generate
+from train_utils import get_device, parse_config
 
 
 # -----------------------------------------------------------------------------

@@ -518,6 +518,17 @@ def comparison_rows(comps: list[Comparison]) -> list[dict]:
     return [{"prompt": c.prompt, "responses": c.responses, "scores": c.scores} for c in comps]
 
 
+def read_json(path: str) -> dict:
+    """A JSON file that the user gave us (config.json, ...), with errors that name it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except (UnicodeDecodeError, IsADirectoryError) as e:
+        raise UserError(f"{path}: cannot be read as a JSON file ({e})") from None
+
+
 def write_json(path: str, obj):
     """Write one JSON object atomically (temp file, then rename)."""
     tmp = path + ".tmp"

@@ -25,7 +25,6 @@ out_dir/metrics.jsonl, and out_dir/world_pairs.jsonl for --world_pairs.
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import random
@@ -39,70 +38,64 @@ from tqdm import tqdm
 import tasks
 from data import (Preference, UserError, encode_prompt, encode_response, epoch_batch, load_preference_data,
                   pad_batch, read_jsonl, write_jsonl)
-from model import (autocast, check_finite, check_ranges, cli, configure_optimizer, get_device, load_checkpoint,
-                   load_trainer_state, log_metrics, lr_schedule, prepare_out_dir, save_checkpoint,
-                   sequence_logprobs)
+from checkpoint import load_checkpoint, load_trainer_state, save_checkpoint
+from model import autocast, sequence_logprobs
+from train_utils import (check_finite, check_ranges, cli, configure_optimizer, get_device, log_metrics,
+                         lr_schedule, prepare_out_dir)
 
 
-@dataclass
-class DPOConfig:
-    init: str = ""  # the starting model: the policy starts here and the reference stays here
-    data: str = ""  # preference JSONL (any data.py preference format)
-    world_pairs: int = 0  # instead of --data: this many oracle-ranked pairs sampled from --init
-    out_dir: str = "runs/dpo"
-    eval_frac: float = 0.05  # share of the pairs held out for the evaluation metrics
-    system: str = ""  # a system message for every prompt (default: none; a real model's template may add its own)
-    seed: int = 1337
-    world_seed: int = 0
-    # the loss
-    loss: str = "dpo"  # "dpo" (Rafailov et al., eq. 7) or "ipo" (Azar et al., eq. 17)
-    beta: float = 0.1
-    label_smoothing: float = 0.0  # conservative DPO: the chance that a pair's label is flipped
-    nll_coef: float = 0.0  # + α · NLL of the chosen response per token (Pang et al. 2024, "RPO"); keeps log π(y_w) up
-    precompute_ref: bool = True  # reference log-probs computed once before training (one model in memory)
-    # optimisation (the paper, 70B: lr 1e-6 -> 1e-7, batch 16; small models want larger rates)
-    batch_size: int = 16  # pairs per micro-batch (each pair is two sequences)
-    grad_accum: int = 1
-    epochs: float = 1.0
-    max_steps: int = 0  # 0: from --epochs
-    lr: float = 5e-5
-    min_lr: float = 5e-6
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    dropout: float = 0.0  # the paper trained with 0.1; dropout makes the policy differ from the reference at step 0
-    max_seq_len: int = 0  # 0: the checkpoint's own
-    eval_every: int = 50
-    save_every: int = 0
-    resume: bool = False
-    overwrite: bool = False
-    device: str = "auto"
-    compile: bool = False
-    # --world_pairs sampling and evaluation
-    temperature: float = 0.7
-    top_p: float = 0.9
-    max_new_tokens: int = 40
-    n_eval_world: int = 300  # held-out world prompts graded by the oracle before and after (0: skip)
+# -----------------------------------------------------------------------------
+# The loss
 
-    def __post_init__(self):
-        c = self
-        check_ranges(c, {
-            "loss": (c.loss in ("dpo", "ipo"), "dpo or ipo"), "beta": (c.beta > 0, "> 0"),
-            "label_smoothing": (0 <= c.label_smoothing < 0.5, "in [0, 0.5)"), "nll_coef": (c.nll_coef >= 0, ">= 0"),
-            "batch_size": (c.batch_size >= 1, ">= 1"), "grad_accum": (c.grad_accum >= 1, ">= 1"),
-            "epochs": (c.epochs > 0, "> 0"), "max_steps": (c.max_steps >= 0, ">= 0"),
-            "lr": (c.lr > 0, "> 0"), "min_lr": (0 <= c.min_lr <= c.lr, "between 0 and --lr"),
-            "warmup_steps": (c.warmup_steps >= 0, ">= 0"), "weight_decay": (c.weight_decay >= 0, ">= 0"),
-            "beta1": (0 <= c.beta1 < 1, "in [0, 1)"), "beta2": (0 <= c.beta2 < 1, "in [0, 1)"),
-            "grad_clip": (c.grad_clip > 0, "> 0"), "dropout": (0 <= c.dropout < 1, "in [0, 1)"),
-            "eval_frac": (0 <= c.eval_frac < 1, "in [0, 1)"), "eval_every": (c.eval_every >= 0, ">= 0"),
-            "save_every": (c.save_every >= 0, ">= 0"), "max_seq_len": (c.max_seq_len >= 0, ">= 0"),
-            "world_pairs": (c.world_pairs >= 0, ">= 0"), "temperature": (c.temperature > 0, "> 0"),
-            "top_p": (0 < c.top_p <= 1, "in (0, 1]"), "max_new_tokens": (c.max_new_tokens >= 1, ">= 1"),
-            "n_eval_world": (c.n_eval_world >= 0, ">= 0"),
-        })
+
+def preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float,
+                    loss_type: str = "dpo", label_smoothing: float = 0.0, nll_coef: float = 0.0,
+                    chosen_lengths=None):
+    """Per-pair losses (B,), the implicit rewards β (log π(y) - log π_ref(y)) of chosen and
+    rejected, and the chosen response's per-token NLL (None without chosen_lengths), from summed
+    response log-probs (all (B,)).
+
+    h = (log π(y_w) - log π_ref(y_w)) - (log π(y_l) - log π_ref(y_l))
+      dpo: -log σ(β h)                            Rafailov et al. 2023, eq. 7
+           with label smoothing ε (conservative DPO, Mitchell 2023: each label is wrong with
+           probability ε): -(1 - ε) log σ(β h) - ε log σ(-β h)
+      ipo: (h - 1 / (2β))²                        Azar et al. 2023, eq. 17 (β is their τ): a
+           squared loss that stops pushing once the margin reaches 1/(2β), where DPO's
+           logistic loss keeps pushing (and can drive both log-probs down)
+    At the start policy = reference, so h = 0 and the DPO loss is ln 2 for every pair.
+
+    nll_coef α > 0 adds the NLL of the chosen response per token (iterative RPO, Pang et al.
+    2024, eq. 1):  loss + α · (-log π(y_w|x) / |y_w|),  |y_w| = chosen_lengths (B,), its
+    response tokens with EOS. DPO alone only widens the margin and may lower log π(y_w) with
+    log π(y_l), moving mass to responses in neither set; the NLL term holds the chosen one up."""
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    if loss_type == "dpo":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown loss {loss_type!r}")
+    nll = None if chosen_lengths is None else -policy_chosen / chosen_lengths
+    if nll_coef:
+        losses = losses + nll_coef * nll
+    chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
+    rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
+    return losses, chosen_rewards, rejected_rewards, nll
+
+
+def batch_stats(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected) -> dict:
+    """What DPO logs. reward_accuracy: the share of pairs whose chosen response has the higher
+    implicit reward (a tie, as at step 0, counts one half: a coin flip)."""
+    margin = chosen_rewards - rejected_rewards
+    return {
+        "loss": losses.mean().item(),
+        "reward_accuracy": ((margin > 0).float() + 0.5 * (margin == 0).float()).mean().item(),
+        "margin": margin.mean().item(),
+        "chosen_reward": chosen_rewards.mean().item(),
+        "rejected_reward": rejected_rewards.mean().item(),
+        "chosen_logp": policy_chosen.detach().mean().item(),
+        "rejected_logp": policy_rejected.detach().mean().item(),
+    }
 
 
 # -----------------------------------------------------------------------------
@@ -113,7 +106,7 @@ def world_preferences(model, tok, cfg: DPOConfig) -> list[dict]:
     """cfg.world_pairs preference pairs without any file: per training prompt of the task world,
     two samples of the model at cfg.temperature, ranked by the oracle; prompts whose two
     samples score the same give no pair. Rows {"prompt", "chosen", "rejected", "points"}."""
-    from evaluate import sample_responses
+    from sampling import sample_responses
 
     rng = random.Random(f"dpo-world/{cfg.world_seed}/{cfg.seed}")
     gen = torch.Generator(get_device(cfg.device)).manual_seed(cfg.seed)
@@ -190,47 +183,68 @@ def reference_logps(reference, pairs: list[dict], pad_id: int, device, batch_siz
 
 
 # -----------------------------------------------------------------------------
-# The loss
+# Config
 
 
-def preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float,
-                    loss_type: str = "dpo", label_smoothing: float = 0.0):
-    """Per-pair losses (B,) and the implicit rewards of chosen and rejected, from summed
-    response log-probs (all (B,)).
+@dataclass
+class DPOConfig:
+    init: str = ""  # the starting model: the policy starts here and the reference stays here
+    data: str = ""  # preference JSONL (any data.py preference format)
+    world_pairs: int = 0  # instead of --data: this many oracle-ranked pairs sampled from --init
+    out_dir: str = "runs/dpo"
+    eval_frac: float = 0.05  # share of the pairs held out for the evaluation metrics
+    system: str = ""  # a system message for every prompt (default: none; a real model's template may add its own)
+    seed: int = 1337
+    world_seed: int = 0
+    # the loss
+    loss: str = "dpo"  # "dpo" (Rafailov et al., eq. 7) or "ipo" (Azar et al., eq. 17)
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # conservative DPO: the chance that a pair's label is flipped
+    nll_coef: float = 0.0  # + α · NLL of the chosen response per token (Pang et al. 2024, "RPO"); keeps log π(y_w) up
+    precompute_ref: bool = True  # reference log-probs computed once before training (one model in memory)
+    # optimisation (the paper, 70B: lr 1e-6 -> 1e-7, batch 16; small models want larger rates)
+    batch_size: int = 16  # pairs per micro-batch (each pair is two sequences)
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: int = 0  # 0: from --epochs
+    lr: float = 5e-5
+    min_lr: float = 5e-6
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    dropout: float = 0.0  # the paper trained with 0.1; dropout makes the policy differ from the reference at step 0
+    max_seq_len: int = 0  # 0: the checkpoint's own
+    eval_every: int = 50
+    save_every: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    device: str = "auto"
+    compile: bool = False
+    # --world_pairs sampling and evaluation
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 40
+    n_eval_world: int = 300  # held-out world prompts graded by the oracle before and after (0: skip)
 
-    h = (log π(y_w) - log π_ref(y_w)) - (log π(y_l) - log π_ref(y_l))
-      dpo: -log σ(β h)                            Rafailov et al. 2023, eq. 7
-           with label smoothing ε (conservative DPO, Mitchell 2023: each label is wrong with
-           probability ε): -(1 - ε) log σ(β h) - ε log σ(-β h)
-      ipo: (h - 1 / (2β))²                        Azar et al. 2023, eq. 17 (β is their τ): a
-           squared loss that stops pushing once the margin reaches 1/(2β), where DPO's
-           logistic loss keeps pushing (and can drive both log-probs down)
-    At the start policy = reference, so h = 0 and the DPO loss is ln 2 for every pair."""
-    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
-    if loss_type == "dpo":
-        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    elif loss_type == "ipo":
-        losses = (h - 1 / (2 * beta)) ** 2
-    else:
-        raise ValueError(f"unknown loss {loss_type!r}")
-    chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
-    rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
-    return losses, chosen_rewards, rejected_rewards
-
-
-def batch_stats(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected) -> dict:
-    """What DPO logs. reward_accuracy: the share of pairs whose chosen response has the higher
-    implicit reward (a tie, as at step 0, counts one half: a coin flip)."""
-    margin = chosen_rewards - rejected_rewards
-    return {
-        "loss": losses.mean().item(),
-        "reward_accuracy": ((margin > 0).float() + 0.5 * (margin == 0).float()).mean().item(),
-        "margin": margin.mean().item(),
-        "chosen_reward": chosen_rewards.mean().item(),
-        "rejected_reward": rejected_rewards.mean().item(),
-        "chosen_logp": policy_chosen.detach().mean().item(),
-        "rejected_logp": policy_rejected.detach().mean().item(),
-    }
+    def __post_init__(self):
+        c = self
+        check_ranges(c, {
+            "loss": (c.loss in ("dpo", "ipo"), "dpo or ipo"), "beta": (c.beta > 0, "> 0"),
+            "label_smoothing": (0 <= c.label_smoothing < 0.5, "in [0, 0.5)"), "nll_coef": (c.nll_coef >= 0, ">= 0"),
+            "batch_size": (c.batch_size >= 1, ">= 1"), "grad_accum": (c.grad_accum >= 1, ">= 1"),
+            "epochs": (c.epochs > 0, "> 0"), "max_steps": (c.max_steps >= 0, ">= 0"),
+            "lr": (c.lr > 0, "> 0"), "min_lr": (0 <= c.min_lr <= c.lr, "between 0 and --lr"),
+            "warmup_steps": (c.warmup_steps >= 0, ">= 0"), "weight_decay": (c.weight_decay >= 0, ">= 0"),
+            "beta1": (0 <= c.beta1 < 1, "in [0, 1)"), "beta2": (0 <= c.beta2 < 1, "in [0, 1)"),
+            "grad_clip": (c.grad_clip > 0, "> 0"), "dropout": (0 <= c.dropout < 1, "in [0, 1)"),
+            "eval_frac": (0 <= c.eval_frac < 1, "in [0, 1)"), "eval_every": (c.eval_every >= 0, ">= 0"),
+            "save_every": (c.save_every >= 0, ">= 0"), "max_seq_len": (c.max_seq_len >= 0, ">= 0"),
+            "world_pairs": (c.world_pairs >= 0, ">= 0"), "temperature": (c.temperature > 0, "> 0"),
+            "top_p": (0 < c.top_p <= 1, "in (0, 1]"), "max_new_tokens": (c.max_new_tokens >= 1, ">= 1"),
+            "n_eval_world": (c.n_eval_world >= 0, ">= 0"),
+        })
 
 
 # -----------------------------------------------------------------------------
@@ -299,17 +313,12 @@ def main(cfg: DPOConfig) -> str:
         with autocast(device):
             policy_chosen, policy_rejected = response_logps(model, ids, mask)
         ref_chosen, ref_rejected = reference_of(chunk, ids, mask)
-        losses, cr, rr = preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-                                         cfg.beta, cfg.loss, cfg.label_smoothing)
+        n_chosen = mask[: len(chunk), 1:].sum(-1)  # response tokens (EOS included) per chosen row
+        losses, cr, rr, nll = preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, cfg.beta,
+                                              cfg.loss, cfg.label_smoothing, cfg.nll_coef, n_chosen)
         stats = batch_stats(losses, cr, rr, policy_chosen, policy_rejected)
         if cfg.nll_coef:
-            # Iterative RPO (Pang et al. 2024, eq. 1): L_DPO + α · (-log π(y_w|x) / |y_w|). DPO
-            # alone only widens the margin and may lower log π(y_w) with log π(y_l), moving
-            # mass to responses in neither set; the NLL term holds the chosen one up.
-            n_chosen = mask[: len(chunk), 1:].sum(-1)  # response tokens (EOS included) per chosen row
-            nll = -policy_chosen / n_chosen
-            losses = losses + cfg.nll_coef * nll
-            stats["nll"], stats["loss"] = nll.mean().item(), losses.mean().item()
+            stats["nll"] = nll.mean().item()
         return losses, stats
 
     @torch.no_grad()
@@ -403,3 +412,5 @@ def world_report(cfg: DPOConfig, policy, tok, device):
 
 if __name__ == "__main__":
     cli(main, DPOConfig, __doc__)
+
+

@@ -1,15 +1,13 @@
-"""Evaluation: sampling responses, the model as a judge, the oracle, and the papers' metrics.
+"""Evaluation: the oracle's grade, head-to-heads with their uncertainty, and the papers'
+reward-modeling metrics. One implementation of each measurement, used by self_reward.py's loop
+and its tables and by this file's command line:
 
-One implementation of each measurement, used by self_reward.py's loop and its tables and by
-this file's command line:
-
-  sample_responses   prompts -> N responses each (one batched KV-cache call per batch)
-  parse_score        judge text -> score in [0, 5], or None (never a made-up score)
-  judge              LLM-as-a-Judge with a judge template (judge_prompt.txt in the task world,
-                     judge_prompt_real.txt for a user's --data), K samples averaged
   instruction_following   oracle mean score, exact-correct rate (task world)
-  head_to_head       win / tie / loss of model A vs model B, per prompt
-  reward_modeling    how well a judge's scores rank responses against the oracle's
+  head_to_head, compare   win / tie / loss of model A vs model B per prompt, with a paired
+                          bootstrap interval and a sign test
+  judged_head_to_head     the same without an oracle: a frozen judge model decides (user data)
+  reward_modeling         how well a judge's scores rank responses against the oracle's
+  judge_eval              a model as judge on the held-out judge set (judge.py samples it)
 
     python evaluate.py --model runs/default/M1/model                       # task world
     python evaluate.py --model runs/default/M1/model --baseline runs/default/SFT/model
@@ -20,120 +18,15 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
+import judge
 import tasks
-from data import Tokenizer, UserError, decode_response, encode_prompt
-from model import Transformer, cli, generate, get_device, load_checkpoint
-
-
-# -----------------------------------------------------------------------------
-# Sampling
-
-
-@torch.no_grad()
-def sample_responses(model: Transformer, tok: Tokenizer, prompts: list[str], n: int = 1,
-                     temperature: float = 0.7, top_p: float = 0.9, max_new_tokens: int = 48,
-                     batch_size: int = 64, generator: torch.Generator | None = None,
-                     desc: str = "sampling", return_finished: bool = False):
-    """n responses per prompt, in the chat template. Each prompt's prefill runs once and is
-    shared by its n samples (generate's num_samples); prompts are sorted by length before
-    batching, so a batch carries little left-padding; batch_size counts sampled rows.
-    Returns out[i] = n strings for prompts[i]; a prompt that does not fit the context gets
-    n `None`s (reported, not cut). A response cut by max_new_tokens (no EOS) ends in " …", so
-    nobody mistakes it for a finished one; with return_finished, the texts stay as sampled
-    and a second list of lists says which ones ended with EOS."""
-    encoded = [encode_prompt(tok, p) for p in prompts]
-    limit = model.config.max_seq_len - max_new_tokens
-    todo = sorted((i for i in range(len(prompts)) if len(encoded[i]) <= limit), key=lambda i: len(encoded[i]))
-    too_long = len(prompts) - len(todo)
-    if too_long:
-        print(f"{desc}: {too_long} of {len(prompts)} prompts exceed {limit} tokens and are not answered")
-    per_batch = max(1, batch_size // n)
-    out: list[list] = [[None] * n for _ in prompts]
-    ended: list[list] = [[False] * n for _ in prompts]
-    for s in tqdm(range(0, len(todo), per_batch), desc=desc, leave=False, disable=len(todo) <= per_batch):
-        chunk = todo[s : s + per_batch]
-        g = generate(model, [encoded[i] for i in chunk], max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                     temperature=temperature, top_p=top_p, generator=generator, num_samples=n)
-        rows, done = g.tokens.tolist(), g.finished.tolist()
-        for r, i in enumerate(chunk):
-            for k in range(n):
-                text = decode_response(tok, rows[r * n + k])
-                ended[i][k] = done[r * n + k]
-                out[i][k] = text if ended[i][k] or return_finished else text + " …"
-    return (out, ended) if return_finished else out
-
-
-# -----------------------------------------------------------------------------
-# The model as judge
-
-# A score statement is the word "score" (a stated range like "(0-5)" may follow) and then,
-# after a few separator characters, the number: "Score: 4", "score - 4.0", "**Score:** 4/5",
-# "SCORE: 3 points", "the score is 3". The judge is asked to END with "Score: <points>", so the LAST statement
-# is the verdict, and if that one is unreadable ("Score: none", "Score: 3-5", "Score: 4/10",
-# "Score: 7") the answer is None: an earlier statement the judge went on to revise is not
-# its verdict. "score" in prose ("that explains the score.") is no statement and is skipped.
-# The sign and a leading "." belong to the number ("Score: -1" is out of range, not 1).
-SCORE_WORD_RE = re.compile(r"\bscore(?:\s*[(\[]\s*\d\s*[-–]\s*\d\s*[)\]])?", re.IGNORECASE)
-SCORE_VALUE_RE = re.compile(r"[\s:*_=\-–]{0,6}?(?:is\s+)?(-?(?:\d+(?:\.\d+)?|\.\d+))(\s*[-–]\s*\d)?(?:\s*/\s*(\d+))?")
-SCORE_COLON_RE = re.compile(r"[\s*_]*[:=]")  # "Score:" followed by no number: an unreadable statement
-
-
-def parse_score(text: str | None) -> float | None:
-    """The judge's final score in [0, 5], or None when there is none. A failure never
-    becomes a score."""
-    if not text:
-        return None
-    verdict = None  # (number, range tail, denominator) of the last statement; "" if unreadable
-    for word in SCORE_WORD_RE.finditer(text):
-        rest = text[word.end():]
-        value = SCORE_VALUE_RE.match(rest)
-        if value:
-            verdict = value.groups()
-        elif SCORE_COLON_RE.match(rest):
-            verdict = ""
-    if not verdict:
-        return None
-    number, range_tail, out_of = verdict
-    if range_tail or (out_of and out_of != "5"):
-        return None  # "3-5" is no single score; "4/10" is not on our scale
-    value = float(number)
-    return value if 0.0 <= value <= 5.0 else None
-
-
-@dataclass
-class Judgment:
-    score: float | None  # mean of the parsable samples; None if none parsed
-    samples: list[float | None]  # each sample's parsed score
-    texts: list[str | None]  # what the judge wrote
-
-
-def judge(model: Transformer, tok: Tokenizer, template: str, items: list[tuple[str, str]],
-          n_samples: int = 3, temperature: float = 0.7, top_p: float = 0.9,
-          max_new_tokens: int = 64, batch_size: int = 64, generator=None,
-          desc: str = "judging") -> list[Judgment]:
-    """Score (instruction, response) pairs with the model as its own judge: the judge prompt
-    is sampled n_samples times and the parsable scores are averaged (Self-Rewarding LMs, 3
-    samples). max_new_tokens is the judge's own budget, separate from the prompt length."""
-    prompts = [tasks.judge_prompt(template, ins, resp) for ins, resp in items]
-    texts = sample_responses(model, tok, prompts, n_samples, temperature, top_p, max_new_tokens,
-                             batch_size, generator, desc)
-    out = []
-    for t in texts:
-        samples = [parse_score(x) for x in t]
-        valid = [s for s in samples if s is not None]
-        out.append(Judgment(sum(valid) / len(valid) if valid else None, samples, t))
-    return out
-
-
-def parse_failure_rate(judgments: list[Judgment]) -> float:
-    samples = [s for j in judgments for s in j.samples]
-    return sum(s is None for s in samples) / max(1, len(samples))
+from checkpoint import load_checkpoint
+from sampling import sample_responses
+from train_utils import cli, get_device
 
 
 # -----------------------------------------------------------------------------
@@ -218,7 +111,7 @@ def judged_head_to_head(judge_model, judge_tok, template: str, prompts: list[str
     b_items = [(p, r if r is not None else "") for p, r in zip(prompts, responses_b)]
     kw = dict(n_samples=n_samples, generator=generator, max_new_tokens=max_new_tokens, batch_size=batch_size,
               temperature=temperature, top_p=top_p)
-    passes = [judge(judge_model, judge_tok, template, a_items + b_items, desc=f"judging, pass {k + 1}/2", **kw)
+    passes = [judge.score(judge_model, judge_tok, template, a_items + b_items, desc=f"judging, pass {k + 1}/2", **kw)
               for k in range(2)]
     outcome = [0] * n  # per prompt: +1 A wins, -1 B wins, 0 tie
     for i in range(n):
@@ -234,7 +127,7 @@ def judged_head_to_head(judge_model, judge_tok, template: str, prompts: list[str
     m, lo, hi = bootstrap_mean(outcome)
     return {"win": 100 * win / n, "tie": 100 * (n - win - loss) / n, "loss": 100 * loss / n,
             "margin": 100 * m, "margin_ci": [100 * lo, 100 * hi], "sign_test_p": sign_test(win, loss),
-            "parse_failure_rate": 100 * parse_failure_rate(passes[0] + passes[1])}
+            "parse_failure_rate": 100 * judge.parse_failure_rate(passes[0] + passes[1])}
 
 
 # -----------------------------------------------------------------------------
@@ -341,12 +234,12 @@ def judge_eval(model, tok, template: str, eft_eval, n_samples: int = 3, generato
     """Reward-modeling metrics of `model` as a judge on the EFT evaluation set
     [(task, K responses, K oracle points)], each response judged n_samples times."""
     items = [(t.prompt, r) for t, rs, _ in eft_eval for r in rs]
-    js = judge(model, tok, template, items, n_samples, temperature, top_p, max_new_tokens, batch_size,
+    js = judge.score(model, tok, template, items, n_samples, temperature, top_p, max_new_tokens, batch_size,
                generator, desc="judge eval")
     k = len(eft_eval[0][1])
     scores = [[j.score for j in js[i * k : (i + 1) * k]] for i in range(len(eft_eval))]
     out = reward_modeling(scores, [pts for _, _, pts in eft_eval])
-    out["parse_failure_rate"] = 100 * parse_failure_rate(js)
+    out["parse_failure_rate"] = 100 * judge.parse_failure_rate(js)
     return out
 
 
@@ -374,7 +267,7 @@ class EvalConfig:
 
 
 def main(cfg: EvalConfig):
-    from data import load_sft_data
+    from data import UserError, load_sft_data
 
     device = get_device(cfg.device)
 
@@ -383,7 +276,7 @@ def main(cfg: EvalConfig):
         return model.eval(), tok
 
     # the world's compact judge prompt for world tasks, the real-text one for a user's data
-    template = tasks.load_judge_template(None if not cfg.data else os.path.join(
+    template = judge.load_judge_template(None if not cfg.data else os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "judge_prompt_real.txt"))
     gen = torch.Generator(device).manual_seed(cfg.seed)
     if cfg.data:  # user data: no oracle, a frozen judge decides

@@ -55,132 +55,17 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import tasks
 from data import UserError, decode_response, encode_documents, encode_prompt, epoch_batch, load_sft_data, stream_batch
-from model import (autocast, check_checkpoint_dir, check_finite, check_ranges, cli, configure_optimizer, generate,
-                   get_device, load_checkpoint, load_trainer_state, log_metrics, lr_schedule, prepare_out_dir,
-                   save_checkpoint, token_logprobs)
+from checkpoint import check_checkpoint_dir, load_checkpoint, load_trainer_state, save_checkpoint
+from model import autocast, token_logprobs
+from sampling import generate
+from train_utils import (check_finite, check_ranges, cli, configure_optimizer, get_device, log_metrics,
+                         lr_schedule, prepare_out_dir)
 from reward import load_reward_model
-
-
-@dataclass
-class PPOConfig:
-    init: str = ""  # the SFT checkpoint: the policy starts here and the reference stays here
-    reward_model: str = ""  # reward.py's output (out_dir/model); needed for --reward rm and --value_init rm
-    reward: str = "rm"  # rm: the learned reward model (InstructGPT); oracle: the world's exact grader
-    value_init: str = "rm"  # rm: the value model starts as the RM (InstructGPT); zero: SFT trunk, zero head
-    data: str = ""  # prompts JSONL (any data.py SFT format). Empty: the task world's training prompts
-    out_dir: str = "runs/ppo"
-    seed: int = 1337
-    world_seed: int = 0
-    # rollouts
-    batch_size: int = 64  # prompts per PPO step, one response each
-    max_new_tokens: int = 40
-    temperature: float = 0.7  # of sampling AND of every log-prob: the policy is softmax(logits / T)
-    no_eos_score: float = -3.0  # the score of a response cut by max_new_tokens (RM scores are mean 0, std 1 on SFT)
-    # the reward's KL term
-    kl_coef: float = 0.05  # β
-    kl_target: float = 0.0  # > 0: adapt β so that the KL per response approaches this (Ziegler et al. 2019)
-    kl_horizon: int = 10000  # responses over which the adaptive controller closes the gap
-    # PPO (Schulman et al. 2017)
-    ppo_epochs: int = 4  # passes over each rollout batch
-    minibatch_size: int = 16
-    clip_eps: float = 0.2
-    value_clip: float = 0.2
-    gamma: float = 1.0
-    lam: float = 0.95
-    lr: float = 5e-5
-    value_lr: float = 1e-4
-    min_lr_ratio: float = 0.0  # both learning rates decay linearly to this fraction of themselves
-    warmup_steps: int = 5
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    max_steps: int = 60  # PPO steps (rollout + update); 60 x 64 prompts: ~5 min on one CPU thread
-    # PPO-ptx
-    ptx_coef: float = 0.0  # γ: weight of the pretraining LM loss in the policy loss (InstructGPT: 27.8)
-    ptx_data: str = ""  # a .txt corpus (blank-line separated documents). Empty: the world's pretraining corpus
-    ptx_batch_size: int = 16  # pretraining windows per minibatch
-    ptx_seq_len: int = 128
-    corpus_docs: int = 20000  # the world's corpus, split as sft.py splits it (the first --eval_frac held out)
-    eval_frac: float = 0.05
-    system: str = ""  # a system message for every prompt (default: none; a real model's template may add its own)
-    # evaluation
-    n_eval: int = 300  # held-out prompts graded before, during and after
-    n_norm: int = 300  # --reward oracle: held-out prompts whose SFT responses normalise the oracle's points
-    eval_every: int = 20
-    eval_temperature: float = 0.7  # the project's evaluation protocol (evaluate.py, self_reward.py)
-    eval_top_p: float = 0.9
-    eval_batches: int = 8  # pretraining-loss windows (of --ptx_batch_size) at each evaluation
-    save_every: int = 0
-    resume: bool = False
-    overwrite: bool = False
-    device: str = "auto"
-
-    def __post_init__(self):
-        c = self
-        check_ranges(c, {
-            "reward": (c.reward in ("rm", "oracle"), "rm or oracle"),
-            "value_init": (c.value_init in ("rm", "zero"), "rm or zero"),
-            "batch_size": (c.batch_size >= 2, ">= 2"), "max_new_tokens": (c.max_new_tokens >= 1, ">= 1"),
-            "temperature": (c.temperature > 0, "> 0"), "kl_coef": (c.kl_coef >= 0, ">= 0"),
-            "kl_target": (c.kl_target >= 0, ">= 0"), "kl_horizon": (c.kl_horizon >= 1, ">= 1"),
-            "ppo_epochs": (c.ppo_epochs >= 1, ">= 1"),
-            "minibatch_size": (1 <= c.minibatch_size <= c.batch_size, "in 1..--batch_size"),
-            "clip_eps": (0 < c.clip_eps < 1, "in (0, 1)"), "value_clip": (c.value_clip > 0, "> 0"),
-            "gamma": (0 < c.gamma <= 1, "in (0, 1]"), "lam": (0 <= c.lam <= 1, "in [0, 1]"),
-            "lr": (c.lr > 0, "> 0"), "value_lr": (c.value_lr > 0, "> 0"),
-            "min_lr_ratio": (0 <= c.min_lr_ratio <= 1, "in [0, 1]"),
-            "warmup_steps": (c.warmup_steps >= 0, ">= 0"), "weight_decay": (c.weight_decay >= 0, ">= 0"),
-            "beta1": (0 <= c.beta1 < 1, "in [0, 1)"), "beta2": (0 <= c.beta2 < 1, "in [0, 1)"),
-            "grad_clip": (c.grad_clip > 0, "> 0"), "max_steps": (c.max_steps >= 1, ">= 1"),
-            "ptx_coef": (c.ptx_coef >= 0, ">= 0"), "ptx_batch_size": (c.ptx_batch_size >= 1, ">= 1"),
-            "ptx_seq_len": (c.ptx_seq_len >= 2, ">= 2"), "corpus_docs": (c.corpus_docs >= 2, ">= 2"),
-            "eval_frac": (0 < c.eval_frac < 1, "in (0, 1)"), "n_eval": (c.n_eval >= 0, ">= 0"),
-            "n_norm": (c.n_norm >= 2, ">= 2"), "eval_every": (c.eval_every >= 0, ">= 0"),
-            "eval_temperature": (c.eval_temperature >= 0, ">= 0"), "eval_top_p": (0 < c.eval_top_p <= 1, "in (0, 1]"),
-            "eval_batches": (c.eval_batches >= 1, ">= 1"), "save_every": (c.save_every >= 0, ">= 0"),
-        })
-
-
-# -----------------------------------------------------------------------------
-# Rollouts: sample, then score every response token under the policy, the reference and V
-
-
-def response_logprobs(model, sequences, attention_mask, prompt_len: int, temperature: float):
-    """log π(y_t | x, y_<t) of every response token and the entropy of π there, (B, N) each.
-    sequences (B, P+N): left-padded prompts in the first P columns, responses after; the logits
-    at column P-1+t predict response token t (the one-token shift), so only those are kept."""
-    logits = model(sequences, attention_mask=attention_mask)[:, prompt_len - 1 : -1]  # (B, N, V)
-    logp = token_logprobs(logits, sequences[:, prompt_len:], temperature)  # fp32, at the sampling T
-    dist = (logits.float() / temperature).log_softmax(-1)
-    entropy = -(dist.exp() * dist).sum(-1)
-    return logp, entropy
-
-
-@torch.no_grad()
-def rollout(policy, reference, value_model, prompts: list[list[int]], cfg: PPOConfig, tok, gen) -> dict:
-    """One response per prompt from the policy, and everything PPO needs about it, (B, N) each:
-    old log-probs (recomputed by a full forward, the same computation as the update's, so the
-    first ratio is exactly 1), the reference's log-probs, the values V(s_t) and the entropy.
-    Every tensor is zero after a row's last token (response_mask 0: padding after EOS)."""
-    g = generate(policy, prompts, cfg.max_new_tokens, tok.eos_id, tok.pad_id, temperature=cfg.temperature,
-                 generator=gen)
-    seq, attn = g.sequences, g.attention_mask
-    P = seq.shape[1] - g.tokens.shape[1]  # width of the left-padded prompts
-    mask = g.response_mask.float()  # (B, N): 1 on response tokens, EOS included
-    device = seq.device
-    with autocast(device):
-        logprobs, entropy = response_logprobs(policy, seq, attn, P, cfg.temperature)
-        ref_logprobs, _ = response_logprobs(reference, seq, attn, P, cfg.temperature)
-        values = value_model(seq, attn)[:, P - 1 : -1].float()  # V of the state before each response token
-    return {"sequences": seq, "attention_mask": attn, "prompt_len": P, "tokens": g.tokens, "finished": g.finished,
-            "response_mask": mask, "logprobs": logprobs * mask, "ref_logprobs": ref_logprobs * mask,
-            "values": values * mask, "entropy": entropy * mask}
+from sft import pretrain_loss, text_corpus, world_corpus
 
 
 # -----------------------------------------------------------------------------
@@ -274,6 +159,42 @@ def explained_variance(values, returns, mask) -> float:
 
 
 # -----------------------------------------------------------------------------
+# Rollouts: sample, then score every response token under the policy, the reference and V
+
+
+def response_logprobs(model, sequences, attention_mask, prompt_len: int, temperature: float):
+    """log π(y_t | x, y_<t) of every response token and the entropy of π there, (B, N) each.
+    sequences (B, P+N): left-padded prompts in the first P columns, responses after; the logits
+    at column P-1+t predict response token t (the one-token shift), so only those are kept."""
+    logits = model(sequences, attention_mask=attention_mask)[:, prompt_len - 1 : -1]  # (B, N, V)
+    logp = token_logprobs(logits, sequences[:, prompt_len:], temperature)  # fp32, at the sampling T
+    dist = (logits.float() / temperature).log_softmax(-1)
+    entropy = -(dist.exp() * dist).sum(-1)
+    return logp, entropy
+
+
+@torch.no_grad()
+def rollout(policy, reference, value_model, prompts: list[list[int]], cfg: PPOConfig, tok, gen) -> dict:
+    """One response per prompt from the policy, and everything PPO needs about it, (B, N) each:
+    old log-probs (recomputed by a full forward, the same computation as the update's, so the
+    first ratio is exactly 1), the reference's log-probs, the values V(s_t) and the entropy.
+    Every tensor is zero after a row's last token (response_mask 0: padding after EOS)."""
+    g = generate(policy, prompts, cfg.max_new_tokens, tok.eos_id, tok.pad_id, temperature=cfg.temperature,
+                 generator=gen)
+    seq, attn = g.sequences, g.attention_mask
+    P = seq.shape[1] - g.tokens.shape[1]  # width of the left-padded prompts
+    mask = g.response_mask.float()  # (B, N): 1 on response tokens, EOS included
+    device = seq.device
+    with autocast(device):
+        logprobs, entropy = response_logprobs(policy, seq, attn, P, cfg.temperature)
+        ref_logprobs, _ = response_logprobs(reference, seq, attn, P, cfg.temperature)
+        values = value_model(seq, attn)[:, P - 1 : -1].float()  # V of the state before each response token
+    return {"sequences": seq, "attention_mask": attn, "prompt_len": P, "tokens": g.tokens, "finished": g.finished,
+            "response_mask": mask, "logprobs": logprobs * mask, "ref_logprobs": ref_logprobs * mask,
+            "values": values * mask, "entropy": entropy * mask}
+
+
+# -----------------------------------------------------------------------------
 # One PPO step
 
 
@@ -296,10 +217,9 @@ def ppo_update(policy, value_model, policy_opt, value_opt, batch: dict, cfg: PPO
                 # PPO-ptx: the pretraining objective on fresh corpus windows (InstructGPT eq. 2, last term)
                 x, y = (t.to(device) for t in stream_batch(ptx_stream, cfg.ptx_batch_size, cfg.ptx_seq_len, gen))
                 with autocast(device):
-                    logits = policy(x)
-                stats["ptx_loss"] = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-                loss = loss + cfg.ptx_coef * stats["ptx_loss"]
-                stats["ptx_loss"] = stats["ptx_loss"].item()
+                    ptx_loss = pretrain_loss(policy, x, y)
+                loss = loss + cfg.ptx_coef * ptx_loss
+                stats["ptx_loss"] = ptx_loss.item()
             policy_opt.zero_grad(set_to_none=True)
             loss.backward()
             stats["policy_grad_norm"] = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip).item()
@@ -383,6 +303,91 @@ def score_rollout(batch: dict, prompt_tasks: list, reward_model, tok, cfg: PPOCo
 
 
 # -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class PPOConfig:
+    init: str = ""  # the SFT checkpoint: the policy starts here and the reference stays here
+    reward_model: str = ""  # reward.py's output (out_dir/model); needed for --reward rm and --value_init rm
+    reward: str = "rm"  # rm: the learned reward model (InstructGPT); oracle: the world's exact grader
+    value_init: str = "rm"  # rm: the value model starts as the RM (InstructGPT); zero: SFT trunk, zero head
+    data: str = ""  # prompts JSONL (any data.py SFT format). Empty: the task world's training prompts
+    out_dir: str = "runs/ppo"
+    seed: int = 1337
+    world_seed: int = 0
+    # rollouts
+    batch_size: int = 64  # prompts per PPO step, one response each
+    max_new_tokens: int = 40
+    temperature: float = 0.7  # of sampling AND of every log-prob: the policy is softmax(logits / T)
+    no_eos_score: float = -3.0  # the score of a response cut by max_new_tokens (RM scores are mean 0, std 1 on SFT)
+    # the reward's KL term
+    kl_coef: float = 0.05  # β
+    kl_target: float = 0.0  # > 0: adapt β so that the KL per response approaches this (Ziegler et al. 2019)
+    kl_horizon: int = 10000  # responses over which the adaptive controller closes the gap
+    # PPO (Schulman et al. 2017)
+    ppo_epochs: int = 4  # passes over each rollout batch
+    minibatch_size: int = 16
+    clip_eps: float = 0.2
+    value_clip: float = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    lr: float = 5e-5
+    value_lr: float = 1e-4
+    min_lr_ratio: float = 0.0  # both learning rates decay linearly to this fraction of themselves
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    max_steps: int = 60  # PPO steps (rollout + update); 60 x 64 prompts: ~5 min on one CPU thread
+    # PPO-ptx
+    ptx_coef: float = 0.0  # γ: weight of the pretraining LM loss in the policy loss (InstructGPT: 27.8)
+    ptx_data: str = ""  # a .txt corpus (blank-line separated documents). Empty: the world's pretraining corpus
+    ptx_batch_size: int = 16  # pretraining windows per minibatch
+    ptx_seq_len: int = 128
+    corpus_docs: int = 20000  # the world's corpus, split as sft.py splits it (the first --eval_frac held out)
+    eval_frac: float = 0.05
+    system: str = ""  # a system message for every prompt (default: none; a real model's template may add its own)
+    # evaluation
+    n_eval: int = 300  # held-out prompts graded before, during and after
+    n_norm: int = 300  # --reward oracle: held-out prompts whose SFT responses normalise the oracle's points
+    eval_every: int = 20
+    eval_temperature: float = 0.7  # the project's evaluation protocol (evaluate.py, self_reward.py)
+    eval_top_p: float = 0.9
+    eval_batches: int = 8  # pretraining-loss windows (of --ptx_batch_size) at each evaluation
+    save_every: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    device: str = "auto"
+
+    def __post_init__(self):
+        c = self
+        check_ranges(c, {
+            "reward": (c.reward in ("rm", "oracle"), "rm or oracle"),
+            "value_init": (c.value_init in ("rm", "zero"), "rm or zero"),
+            "batch_size": (c.batch_size >= 2, ">= 2"), "max_new_tokens": (c.max_new_tokens >= 1, ">= 1"),
+            "temperature": (c.temperature > 0, "> 0"), "kl_coef": (c.kl_coef >= 0, ">= 0"),
+            "kl_target": (c.kl_target >= 0, ">= 0"), "kl_horizon": (c.kl_horizon >= 1, ">= 1"),
+            "ppo_epochs": (c.ppo_epochs >= 1, ">= 1"),
+            "minibatch_size": (1 <= c.minibatch_size <= c.batch_size, "in 1..--batch_size"),
+            "clip_eps": (0 < c.clip_eps < 1, "in (0, 1)"), "value_clip": (c.value_clip > 0, "> 0"),
+            "gamma": (0 < c.gamma <= 1, "in (0, 1]"), "lam": (0 <= c.lam <= 1, "in [0, 1]"),
+            "lr": (c.lr > 0, "> 0"), "value_lr": (c.value_lr > 0, "> 0"),
+            "min_lr_ratio": (0 <= c.min_lr_ratio <= 1, "in [0, 1]"),
+            "warmup_steps": (c.warmup_steps >= 0, ">= 0"), "weight_decay": (c.weight_decay >= 0, ">= 0"),
+            "beta1": (0 <= c.beta1 < 1, "in [0, 1)"), "beta2": (0 <= c.beta2 < 1, "in [0, 1)"),
+            "grad_clip": (c.grad_clip > 0, "> 0"), "max_steps": (c.max_steps >= 1, ">= 1"),
+            "ptx_coef": (c.ptx_coef >= 0, ">= 0"), "ptx_batch_size": (c.ptx_batch_size >= 1, ">= 1"),
+            "ptx_seq_len": (c.ptx_seq_len >= 2, ">= 2"), "corpus_docs": (c.corpus_docs >= 2, ">= 2"),
+            "eval_frac": (0 < c.eval_frac < 1, "in (0, 1)"), "n_eval": (c.n_eval >= 0, ">= 0"),
+            "n_norm": (c.n_norm >= 2, ">= 2"), "eval_every": (c.eval_every >= 0, ">= 0"),
+            "eval_temperature": (c.eval_temperature >= 0, ">= 0"), "eval_top_p": (0 < c.eval_top_p <= 1, "in (0, 1]"),
+            "eval_batches": (c.eval_batches >= 1, ">= 1"), "save_every": (c.save_every >= 0, ">= 0"),
+        })
+
+
+# -----------------------------------------------------------------------------
 # Evaluation
 
 
@@ -427,8 +432,7 @@ def evaluate_policy(policy, reference, reward_model, tok, eval_prompts: list[str
         for _ in range(cfg.eval_batches):
             x, y = (t.to(device) for t in stream_batch(corpus_eval, cfg.ptx_batch_size, cfg.ptx_seq_len, gen))
             with autocast(device):
-                logits = policy(x)
-            losses.append(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1)).item())
+                losses.append(pretrain_loss(policy, x, y).item())
         out["pretrain_loss"] = sum(losses) / len(losses)
     return out
 
@@ -439,8 +443,6 @@ def evaluate_policy(policy, reference, reward_model, tok, eval_prompts: list[str
 
 def main(cfg: PPOConfig) -> str:
     """Train; returns the checkpoint directory of the policy."""
-    import sft
-
     device = get_device(cfg.device)
     torch.manual_seed(cfg.seed)
 
@@ -470,9 +472,9 @@ def main(cfg: PPOConfig) -> str:
     # the pretraining corpus: PPO-ptx trains on it, every evaluation measures the loss on its held-out part
     corpus_train = corpus_eval = None
     if cfg.ptx_data:
-        corpus_train, corpus_eval = sft.text_corpus(cfg.ptx_data, cfg.eval_frac)
+        corpus_train, corpus_eval = text_corpus(cfg.ptx_data, cfg.eval_frac)
     elif not cfg.data:
-        corpus_train, corpus_eval = sft.world_corpus(cfg)  # split exactly as sft.py split it for M0
+        corpus_train, corpus_eval = world_corpus(cfg)  # split exactly as sft.py split it for M0
     for path in filter(None, [cfg.init, cfg.reward_model]):
         check_checkpoint_dir(path)  # a wrong path fails before out_dir is touched
     ckpt_dir = prepare_out_dir(cfg)
@@ -535,7 +537,7 @@ def main(cfg: PPOConfig) -> str:
             return ckpt_dir
     if cfg.reward == "oracle" and oracle_norm is None:
         # normalise the oracle's points like the RM: SFT responses to held-out prompts score mean 0, std 1
-        from evaluate import sample_responses
+        from sampling import sample_responses
 
         norm_tasks = tasks.eval_prompts(cfg.world_seed + 8, cfg.n_norm)
         texts, ended = sample_responses(reference, tok, [t.prompt for t in norm_tasks], 1, cfg.temperature, 1.0,
@@ -622,3 +624,5 @@ def final_report(cfg, policy, reference, reward_model, tok, eval_prompts, eval_t
 
 if __name__ == "__main__":
     cli(main, PPOConfig, __doc__)
+
+

@@ -75,69 +75,29 @@ from tqdm import tqdm
 
 import tasks
 from data import (Comparison, UserError, comparison_rows, encode_prompt, encode_response, epoch_batch,
-                  from_scores, load_comparisons, pad_batch, ranked_comparison, read_jsonl, write_json, write_jsonl)
-from model import (Transformer, autocast, check_checkpoint_dir, check_finite, check_ranges, cli,
-                   configure_optimizer, get_device, load_checkpoint, load_trainer_state, log_metrics, lr_schedule,
-                   prepare_out_dir, read_json, save_checkpoint)
+                  from_scores, load_comparisons, pad_batch, ranked_comparison, read_json, read_jsonl, write_json,
+                  write_jsonl)
+from checkpoint import check_checkpoint_dir, load_checkpoint, load_trainer_state, save_checkpoint
+from model import Transformer, autocast
+from train_utils import (check_finite, check_ranges, cli, configure_optimizer, get_device, log_metrics,
+                         lr_schedule, prepare_out_dir)
 
 
-@dataclass
-class RewardConfig:
-    init: str = ""  # the SFT checkpoint: the trunk starts here; it samples the responses to rank and normalise on
-    data: str = ""  # comparisons JSONL: preference pairs, HH transcripts or ranked lists (see the docstring)
-    world_prompts: int = 0  # instead of --data: this many world training prompts, K samples each, oracle-ranked
-    k: int = 4  # responses per prompt in the world (InstructGPT: 4 to 9)
-    out_dir: str = "runs/rm"
-    eval_frac: float = 0.05  # --data: share of the prompts held out for the pairwise accuracy
-    system: str = ""  # a system message for every prompt (default: none; a real model's template may add its own)
-    n_eval_world: int = 200  # world: held-out prompts (K samples each) for the pairwise accuracy (0: skip)
-    n_eft_eval: int = 60  # world: the self-rewarding judge's held-out set, scored by the RM (0: skip)
-    eft_k: int = 4  # responses per prompt in that set (self_reward.py's --k)
-    n_norm: int = 300  # held-out prompts whose SFT responses set gain and bias (mean 0, std 1)
-    seed: int = 1337
-    world_seed: int = 0
-    # optimisation (InstructGPT's 6B RM: one epoch, lr 9e-6 cosine; a small model wants more)
-    batch_size: int = 8  # prompts per micro-batch, each with all its responses
-    grad_accum: int = 1
-    epochs: float = 1.0
-    max_steps: int = 0  # 0: from --epochs
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    dropout: float = 0.0
-    max_seq_len: int = 0  # 0: the checkpoint's own
-    eval_every: int = 50
-    save_every: int = 0
-    resume: bool = False
-    overwrite: bool = False
-    device: str = "auto"
-    # sampling the SFT model (world comparisons and the normalisation set): what PPO's rollouts will look like
-    temperature: float = 0.7
-    top_p: float = 1.0
-    max_new_tokens: int = 40
+# -----------------------------------------------------------------------------
+# The loss
 
-    def __post_init__(self):
-        c = self
-        check_ranges(c, {
-            "k": (2 <= c.k <= 16, "in 2..16"), "world_prompts": (c.world_prompts >= 0, ">= 0"),
-            "n_eval_world": (c.n_eval_world >= 0, ">= 0"), "n_eft_eval": (c.n_eft_eval >= 0, ">= 0"),
-            "eft_k": (c.eft_k >= 2, ">= 2"),
-            "n_norm": (c.n_norm >= 2, ">= 2"),
-            "batch_size": (c.batch_size >= 1, ">= 1"), "grad_accum": (c.grad_accum >= 1, ">= 1"),
-            "epochs": (c.epochs > 0, "> 0"), "max_steps": (c.max_steps >= 0, ">= 0"),
-            "lr": (c.lr > 0, "> 0"), "min_lr": (0 <= c.min_lr <= c.lr, "between 0 and --lr"),
-            "warmup_steps": (c.warmup_steps >= 0, ">= 0"), "weight_decay": (c.weight_decay >= 0, ">= 0"),
-            "beta1": (0 <= c.beta1 < 1, "in [0, 1)"), "beta2": (0 <= c.beta2 < 1, "in [0, 1)"),
-            "grad_clip": (c.grad_clip > 0, "> 0"), "dropout": (0 <= c.dropout < 1, "in [0, 1)"),
-            "eval_frac": (0 <= c.eval_frac < 1, "in [0, 1)"), "eval_every": (c.eval_every >= 0, ">= 0"),
-            "save_every": (c.save_every >= 0, ">= 0"), "max_seq_len": (c.max_seq_len >= 0, ">= 0"),
-            "temperature": (c.temperature > 0, "> 0"), "top_p": (0 < c.top_p <= 1, "in (0, 1]"),
-            "max_new_tokens": (c.max_new_tokens >= 1, ">= 1"),
-        })
+
+def comparison_loss(rewards, win, lose, group, n_groups: int):
+    """InstructGPT eq. 1: per prompt, -mean over its pairs of log σ(r_w - r_l); then the mean
+    over prompts (each prompt one batch element, whatever its number of pairs: C(K,2) when no
+    two of its K responses tie). rewards (R,); win, lose, group (P,). F.logsigmoid, never
+    log(sigmoid(.)): the latter is -inf once a margin passes about -100 in fp32.
+    Returns (loss, the share of pairs ordered right)."""
+    logp = F.logsigmoid(rewards[win] - rewards[lose])  # (P,)
+    per_prompt = torch.zeros(n_groups, device=rewards.device).index_add(0, group, logp)
+    per_prompt = per_prompt / torch.bincount(group, minlength=n_groups).clamp(min=1)
+    accuracy = (rewards[win] > rewards[lose]).float().mean()
+    return -per_prompt.mean(), accuracy
 
 
 # -----------------------------------------------------------------------------
@@ -208,7 +168,7 @@ def load_reward_model(path: str, device="cpu", head: str = "saved", **overrides)
     head="saved": a reward model directory (reward.py's output): its head and normalisation.
     head="new":   any causal-LM checkpoint (the SFT model) with a fresh head, std 1/sqrt(d+1).
     head="zero":  any checkpoint with a zero head (ppo.py --value_init zero)."""
-    from model import checkpoint_metadata
+    from checkpoint import checkpoint_metadata
     from safetensors import safe_open
 
     trunk, tok = load_checkpoint(path, device, **overrides)
@@ -242,7 +202,7 @@ def world_comparisons(model, tok, world_tasks: list, k: int, cfg: RewardConfig, 
     """K samples of the SFT model per task, ranked by the oracle's points. A sample cut by
     max_new_tokens (no EOS) is left out: PPO gives such responses a fixed penalty instead of
     asking the RM. Prompts whose samples all score the same give no comparison."""
-    from evaluate import sample_responses
+    from sampling import sample_responses
 
     texts, ended = sample_responses(model, tok, [t.prompt for t in world_tasks], k, cfg.temperature, cfg.top_p,
                                     cfg.max_new_tokens, generator=gen, desc=desc, return_finished=True)
@@ -288,20 +248,66 @@ def comparison_batch(groups: list[dict], pad_id: int):
 
 
 # -----------------------------------------------------------------------------
-# The loss
+# Config
 
 
-def comparison_loss(rewards, win, lose, group, n_groups: int):
-    """InstructGPT eq. 1: per prompt, -mean over its pairs of log σ(r_w - r_l); then the mean
-    over prompts (each prompt one batch element, whatever its number of pairs: C(K,2) when no
-    two of its K responses tie). rewards (R,); win, lose, group (P,). F.logsigmoid, never
-    log(sigmoid(.)): the latter is -inf once a margin passes about -100 in fp32.
-    Returns (loss, the share of pairs ordered right)."""
-    logp = F.logsigmoid(rewards[win] - rewards[lose])  # (P,)
-    per_prompt = torch.zeros(n_groups, device=rewards.device).index_add(0, group, logp)
-    per_prompt = per_prompt / torch.bincount(group, minlength=n_groups).clamp(min=1)
-    accuracy = (rewards[win] > rewards[lose]).float().mean()
-    return -per_prompt.mean(), accuracy
+@dataclass
+class RewardConfig:
+    init: str = ""  # the SFT checkpoint: the trunk starts here; it samples the responses to rank and normalise on
+    data: str = ""  # comparisons JSONL: preference pairs, HH transcripts or ranked lists (see the docstring)
+    world_prompts: int = 0  # instead of --data: this many world training prompts, K samples each, oracle-ranked
+    k: int = 4  # responses per prompt in the world (InstructGPT: 4 to 9)
+    out_dir: str = "runs/rm"
+    eval_frac: float = 0.05  # --data: share of the prompts held out for the pairwise accuracy
+    system: str = ""  # a system message for every prompt (default: none; a real model's template may add its own)
+    n_eval_world: int = 200  # world: held-out prompts (K samples each) for the pairwise accuracy (0: skip)
+    n_eft_eval: int = 60  # world: the self-rewarding judge's held-out set, scored by the RM (0: skip)
+    eft_k: int = 4  # responses per prompt in that set (self_reward.py's --k)
+    n_norm: int = 300  # held-out prompts whose SFT responses set gain and bias (mean 0, std 1)
+    seed: int = 1337
+    world_seed: int = 0
+    # optimisation (InstructGPT's 6B RM: one epoch, lr 9e-6 cosine; a small model wants more)
+    batch_size: int = 8  # prompts per micro-batch, each with all its responses
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: int = 0  # 0: from --epochs
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    dropout: float = 0.0
+    max_seq_len: int = 0  # 0: the checkpoint's own
+    eval_every: int = 50
+    save_every: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    device: str = "auto"
+    # sampling the SFT model (world comparisons and the normalisation set): what PPO's rollouts will look like
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_new_tokens: int = 40
+
+    def __post_init__(self):
+        c = self
+        check_ranges(c, {
+            "k": (2 <= c.k <= 16, "in 2..16"), "world_prompts": (c.world_prompts >= 0, ">= 0"),
+            "n_eval_world": (c.n_eval_world >= 0, ">= 0"), "n_eft_eval": (c.n_eft_eval >= 0, ">= 0"),
+            "eft_k": (c.eft_k >= 2, ">= 2"),
+            "n_norm": (c.n_norm >= 2, ">= 2"),
+            "batch_size": (c.batch_size >= 1, ">= 1"), "grad_accum": (c.grad_accum >= 1, ">= 1"),
+            "epochs": (c.epochs > 0, "> 0"), "max_steps": (c.max_steps >= 0, ">= 0"),
+            "lr": (c.lr > 0, "> 0"), "min_lr": (0 <= c.min_lr <= c.lr, "between 0 and --lr"),
+            "warmup_steps": (c.warmup_steps >= 0, ">= 0"), "weight_decay": (c.weight_decay >= 0, ">= 0"),
+            "beta1": (0 <= c.beta1 < 1, "in [0, 1)"), "beta2": (0 <= c.beta2 < 1, "in [0, 1)"),
+            "grad_clip": (c.grad_clip > 0, "> 0"), "dropout": (0 <= c.dropout < 1, "in [0, 1)"),
+            "eval_frac": (0 <= c.eval_frac < 1, "in [0, 1)"), "eval_every": (c.eval_every >= 0, ">= 0"),
+            "save_every": (c.save_every >= 0, ">= 0"), "max_seq_len": (c.max_seq_len >= 0, ">= 0"),
+            "temperature": (c.temperature > 0, "> 0"), "top_p": (0 < c.top_p <= 1, "in (0, 1]"),
+            "max_new_tokens": (c.max_new_tokens >= 1, ">= 1"),
+        })
 
 
 # -----------------------------------------------------------------------------
@@ -370,7 +376,7 @@ def quantiles(xs: list[float]) -> dict:
 
 def main(cfg: RewardConfig) -> str:
     """Train; returns the checkpoint directory."""
-    from evaluate import sample_responses
+    from sampling import sample_responses
 
     device = get_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -537,3 +543,5 @@ def report(cfg: RewardConfig, rm: RewardModel, tok, evals: list[dict], norm_seqs
 
 if __name__ == "__main__":
     cli(main, RewardConfig, __doc__)
+
+

@@ -27,12 +27,139 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import judge
 import tasks
 from data import (Tokenizer, UserError, encode_chat, encode_documents, epoch_batch, load_sft_data, pad_batch,
                   show_supervision, stream_batch, train_tokenizer)
-from model import (ModelConfig, Transformer, autocast, check_finite, check_ranges, cli, configure_optimizer,
-                   get_device, load_checkpoint, load_trainer_state, log_metrics, lr_schedule,
-                   prepare_out_dir, save_checkpoint)
+from checkpoint import load_checkpoint, load_trainer_state, save_checkpoint
+from model import ModelConfig, Transformer, autocast
+from train_utils import (check_finite, check_ranges, cli, configure_optimizer, get_device, log_metrics,
+                         lr_schedule, prepare_out_dir)
+
+
+# -----------------------------------------------------------------------------
+# Loss
+
+
+def lm_loss(model, input_ids, attention_mask, loss_mask):
+    """Mean next-token cross-entropy over supervised targets.
+    The logits at column t predict the token at t+1, so the targets are input_ids[:, 1:] and
+    a target counts where loss_mask[:, 1:] is 1 (in SFT: the reply and its EOS)."""
+    logits = model(input_ids, attention_mask=attention_mask)  # (B, T, V)
+    targets = input_ids[:, 1:].masked_fill(loss_mask[:, 1:] == 0, -100)
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+
+def pretrain_loss(model, x, y):
+    """Mean next-token cross-entropy on every token of pretraining windows x, y (B, T) (y is x
+    shifted by one token): M0's objective, and PPO-ptx's."""
+    logits = model(x)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def backward(model, batches, device) -> float:
+    """Backpropagate one optimiser step's micro-batches [(x, y, None) for pretraining windows,
+    (ids, None, loss_mask) for SFT]; returns the step's loss.
+
+    Gradient accumulation: the step's loss is the mean over ALL its targets, so each
+    micro-batch counts by its share of them. (In SFT replies differ in length; a plain mean
+    of micro-batch means would make batch 1 x accum 2 differ from batch 2 x accum 1.)"""
+    counts = [y.numel() if m is None else int(m[:, 1:].sum()) for x, y, m in batches]
+    total = 0.0
+    for (x, y, m), n in zip(batches, counts):
+        if n == 0:
+            continue
+        with autocast(device):
+            loss = pretrain_loss(model, x, y) if m is None else lm_loss(model, x, None, m)
+        weight = n / sum(counts)
+        (loss * weight).backward()
+        total += loss.item() * weight
+    return total
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+def world_corpus(cfg: SFTConfig) -> tuple[list[str], list[str]]:
+    """The world's noisy "web" as plain text. It never shows the chat template: as with a real
+    base model, M0 meets <|im_start|>/<|im_end|> first in SFT, which teaches the format."""
+    docs = tasks.pretrain_corpus(cfg.world_seed, cfg.corpus_docs)
+    n_eval = max(1, int(len(docs) * cfg.eval_frac))
+    return docs[n_eval:], docs[:n_eval]
+
+
+def text_corpus(path: str, eval_frac: float) -> tuple[list[str], list[str]]:
+    if not os.path.isfile(path):
+        raise UserError(f"--data {path}: no such file (pretraining reads a .txt file)")
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            docs = [d.strip() for d in f.read().split("\n\n") if d.strip()]
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not valid UTF-8 (byte offset {e.start}); save the file as UTF-8") from None
+    if len(docs) < 2:
+        raise UserError(f"{path}: need at least 2 documents (separated by blank lines)")
+    n_eval = max(1, int(len(docs) * eval_frac))
+    return docs[n_eval:], docs[:n_eval]
+
+
+def world_examples(cfg: SFTConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(train, eval) pairs of (prompt, response): IFT demonstrations and EFT judge examples.
+    Eval pairs come from other seeds, so the eval loss is on unseen examples."""
+    template = judge.load_judge_template()
+    fill = lambda triples: [(judge.fill(template, q, r), target) for q, r, target in triples]
+    train = tasks.ift_seed(cfg.world_seed + 1, cfg.ift)
+    evals = tasks.ift_seed(cfg.world_seed + 101, max(16, cfg.ift // 10))
+    if cfg.eft:
+        train += fill(tasks.eft_seed(cfg.world_seed + 2, cfg.eft, policy_responses(cfg)))
+        evals += fill(tasks.eft_seed(cfg.world_seed + 102, max(16, cfg.eft // 10)))
+    return train, evals
+
+
+def policy_responses(cfg: SFTConfig):
+    """(task, response) pairs sampled from cfg.eft_policy (T = 0.7) on training tasks: the
+    mistakes the judge will have to recognise in the self-rewarding loop. None without it."""
+    if not cfg.eft_policy:
+        return None
+    from sampling import sample_responses
+
+    model, tok = load_checkpoint(cfg.eft_policy, get_device(cfg.device))
+    rng = random.Random(f"eft-policy/{cfg.world_seed}")
+    todo = [tasks.sample_task(rng, split="train") for _ in range(cfg.eft)]
+    gen = torch.Generator(get_device(cfg.device)).manual_seed(cfg.seed)
+    samples, _ = sample_responses(model.eval(), tok, [t.prompt for t in todo], 2, 0.7, 0.9, 40, generator=gen,
+                                  desc="EFT responses", return_finished=True)  # raw text, as the loop judges it
+    return [(t, r) for t, rs in zip(todo, samples) for r in rs if r is not None]
+
+
+def file_examples(path: str, eval_frac: float, seed: int):
+    ex = [(e.prompt, e.response) for e in load_sft_data(path)]
+    random.Random(seed).shuffle(ex)
+    n_eval = max(1, int(len(ex) * eval_frac)) if len(ex) > 1 else 0
+    return ex[n_eval:], ex[:n_eval]
+
+
+def encode_examples(tok: Tokenizer, pairs, max_len: int, what: str, required: bool = True):
+    """Tokenise (prompt, response) pairs with the chat template. Examples longer than the
+    context are dropped and counted (never silently cut: a cut reply would teach the model
+    to stop without EOS). With `required`, having none left is an error."""
+    out = [encode_chat(tok, p, r) for p, r in pairs]
+    kept = [x for x in out if len(x[0]) <= max_len]
+    if len(kept) < len(out):
+        print(f"{what}: dropped {len(out) - len(kept)} of {len(out)} examples longer than {max_len} tokens")
+    if required and not kept:
+        raise UserError(f"{what}: no example fits in {max_len} tokens")
+    return kept
+
+
+def sft_batch(examples, batch_size: int, seed: int, i: int, pad_id: int):
+    """The i-th batch of shuffled, right-padded examples (see data.epoch_batch)."""
+    chunk = [examples[k] for k in epoch_batch(len(examples), batch_size, seed, i)]
+    return pad_batch([c[0] for c in chunk], pad_id, "right", [c[1] for c in chunk])
+
+
+# -----------------------------------------------------------------------------
+# Config
 
 
 @dataclass
@@ -101,124 +228,6 @@ class SFTConfig:
 
 
 # -----------------------------------------------------------------------------
-# Data
-
-
-def world_corpus(cfg: SFTConfig) -> tuple[list[str], list[str]]:
-    """The world's noisy "web" as plain text. It never shows the chat template: as with a real
-    base model, M0 meets <|im_start|>/<|im_end|> first in SFT, which teaches the format."""
-    docs = tasks.pretrain_corpus(cfg.world_seed, cfg.corpus_docs)
-    n_eval = max(1, int(len(docs) * cfg.eval_frac))
-    return docs[n_eval:], docs[:n_eval]
-
-
-def text_corpus(path: str, eval_frac: float) -> tuple[list[str], list[str]]:
-    if not os.path.isfile(path):
-        raise UserError(f"--data {path}: no such file (pretraining reads a .txt file)")
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            docs = [d.strip() for d in f.read().split("\n\n") if d.strip()]
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not valid UTF-8 (byte offset {e.start}); save the file as UTF-8") from None
-    if len(docs) < 2:
-        raise UserError(f"{path}: need at least 2 documents (separated by blank lines)")
-    n_eval = max(1, int(len(docs) * eval_frac))
-    return docs[n_eval:], docs[:n_eval]
-
-
-def world_examples(cfg: SFTConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(train, eval) pairs of (prompt, response): IFT demonstrations and EFT judge examples.
-    Eval pairs come from other seeds, so the eval loss is on unseen examples."""
-    template = tasks.load_judge_template()
-    train = tasks.ift_seed(cfg.world_seed + 1, cfg.ift)
-    evals = tasks.ift_seed(cfg.world_seed + 101, max(16, cfg.ift // 10))
-    if cfg.eft:
-        train += tasks.eft_seed(cfg.world_seed + 2, cfg.eft, template, policy_responses(cfg))
-        evals += tasks.eft_seed(cfg.world_seed + 102, max(16, cfg.eft // 10), template)
-    return train, evals
-
-
-def policy_responses(cfg: SFTConfig):
-    """(task, response) pairs sampled from cfg.eft_policy (T = 0.7) on training tasks: the
-    mistakes the judge will have to recognise in the self-rewarding loop. None without it."""
-    if not cfg.eft_policy:
-        return None
-    from evaluate import sample_responses
-
-    model, tok = load_checkpoint(cfg.eft_policy, get_device(cfg.device))
-    rng = random.Random(f"eft-policy/{cfg.world_seed}")
-    todo = [tasks.sample_task(rng, split="train") for _ in range(cfg.eft)]
-    gen = torch.Generator(get_device(cfg.device)).manual_seed(cfg.seed)
-    samples, _ = sample_responses(model.eval(), tok, [t.prompt for t in todo], 2, 0.7, 0.9, 40, generator=gen,
-                                  desc="EFT responses", return_finished=True)  # raw text, as the loop judges it
-    return [(t, r) for t, rs in zip(todo, samples) for r in rs if r is not None]
-
-
-def file_examples(path: str, eval_frac: float, seed: int):
-    ex = [(e.prompt, e.response) for e in load_sft_data(path)]
-    random.Random(seed).shuffle(ex)
-    n_eval = max(1, int(len(ex) * eval_frac)) if len(ex) > 1 else 0
-    return ex[n_eval:], ex[:n_eval]
-
-
-def encode_examples(tok: Tokenizer, pairs, max_len: int, what: str, required: bool = True):
-    """Tokenise (prompt, response) pairs with the chat template. Examples longer than the
-    context are dropped and counted (never silently cut: a cut reply would teach the model
-    to stop without EOS). With `required`, having none left is an error."""
-    out = [encode_chat(tok, p, r) for p, r in pairs]
-    kept = [x for x in out if len(x[0]) <= max_len]
-    if len(kept) < len(out):
-        print(f"{what}: dropped {len(out) - len(kept)} of {len(out)} examples longer than {max_len} tokens")
-    if required and not kept:
-        raise UserError(f"{what}: no example fits in {max_len} tokens")
-    return kept
-
-
-def sft_batch(examples, batch_size: int, seed: int, i: int, pad_id: int):
-    """The i-th batch of shuffled, right-padded examples (see data.epoch_batch)."""
-    chunk = [examples[k] for k in epoch_batch(len(examples), batch_size, seed, i)]
-    return pad_batch([c[0] for c in chunk], pad_id, "right", [c[1] for c in chunk])
-
-
-# -----------------------------------------------------------------------------
-# Loss
-
-
-def lm_loss(model, input_ids, attention_mask, loss_mask):
-    """Mean next-token cross-entropy over supervised targets.
-    The logits at column t predict the token at t+1, so the targets are input_ids[:, 1:] and
-    a target counts where loss_mask[:, 1:] is 1 (in SFT: the reply and its EOS)."""
-    logits = model(input_ids, attention_mask=attention_mask)  # (B, T, V)
-    targets = input_ids[:, 1:].masked_fill(loss_mask[:, 1:] == 0, -100)
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
-
-
-def stream_loss(model, x, y):
-    logits = model(x)
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-
-
-def backward(model, batches, device) -> float:
-    """Backpropagate one optimiser step's micro-batches [(x, y, None) for pretraining windows,
-    (ids, None, loss_mask) for SFT]; returns the step's loss.
-
-    Gradient accumulation: the step's loss is the mean over ALL its targets, so each
-    micro-batch counts by its share of them. (In SFT replies differ in length; a plain mean
-    of micro-batch means would make batch 1 x accum 2 differ from batch 2 x accum 1.)"""
-    counts = [y.numel() if m is None else int(m[:, 1:].sum()) for x, y, m in batches]
-    total = 0.0
-    for (x, y, m), n in zip(batches, counts):
-        if n == 0:
-            continue
-        with autocast(device):
-            loss = stream_loss(model, x, y) if m is None else lm_loss(model, x, None, m)
-        weight = n / sum(counts)
-        (loss * weight).backward()
-        total += loss.item() * weight
-    return total
-
-
-# -----------------------------------------------------------------------------
 # Main
 
 
@@ -247,7 +256,8 @@ def main(cfg: SFTConfig) -> str:
         if not cfg.data:
             # the judge's words (rubric, reason lines) must get tokens of their own, or a
             # judge prompt and its answer do not fit the context
-            texts += [p + "\n" + r for p, r in tasks.eft_seed(cfg.world_seed + 5, 300, tasks.load_judge_template())]
+            template = judge.load_judge_template()
+            texts += [judge.fill(template, q, r) + "\n" + target for q, r, target in tasks.eft_seed(cfg.world_seed + 5, 300)]
         tok = train_tokenizer(texts, cfg.vocab_size)
         model = Transformer(ModelConfig(
             vocab_size=tok.vocab_size, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
@@ -317,7 +327,7 @@ def main(cfg: SFTConfig) -> str:
             with autocast(device):
                 if cfg.mode == "pretrain":
                     x, y = stream_batch(eval_stream, cfg.batch_size, cfg.seq_len, gen)
-                    losses.append(stream_loss(model, x.to(device), y.to(device)).item())
+                    losses.append(pretrain_loss(model, x.to(device), y.to(device)).item())
                 else:
                     chunk = eval_ex[k * cfg.batch_size : (k + 1) * cfg.batch_size]
                     if not chunk:
@@ -360,3 +370,5 @@ def main(cfg: SFTConfig) -> str:
 
 if __name__ == "__main__":
     cli(main, SFTConfig, __doc__)
+
+

@@ -12,7 +12,7 @@ What lives in this file, top to bottom:
   3. the oracle grader: an additive 5-point rubric, one short reason line per criterion
   4. corruptions: responses of a given quality (the mistakes alignment has to remove)
   5. the data sets: pretraining corpus, IFT seed, EFT seed, evaluation prompts and EFT eval
-  6. the LLM-as-a-Judge prompt (judge_prompt.txt) and the judge's target output
+  6. the judge's target output (what a judge should write; the prompt itself is judge.py's)
 
 Tasks work on lists of small numbers (0-99) and on short lists of words from a fixed
 30-word lexicon. That suits a byte-level BPE with a small vocabulary that splits digits:
@@ -23,7 +23,6 @@ instance created from the caller's seed, so all data is reproducible.
 """
 
 import hashlib
-import os
 import random
 import re
 from dataclasses import dataclass
@@ -786,26 +785,7 @@ def ift_seed(seed, n):
 
 
 # -----------------------------------------------------------------------------
-# 6. The judge: prompt template and target output
-
-
-def load_judge_template(path=None):
-    """The LLM-as-a-Judge template (judge_prompt.txt beside this file unless path is given)."""
-    if path is None:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "judge_prompt.txt")
-    with open(path, encoding="utf-8") as f:
-        template = f.read().strip()
-    for slot in ("{instruction}", "{response}"):
-        if slot not in template:
-            raise ValueError(f"{path}: judge template has no {slot} placeholder")
-    return template
-
-
-def judge_prompt(template, instruction, response):
-    """Fill the judge template. One regex pass, so braces in the instruction or response
-    (even a literal "{response}" inside the instruction) are left exactly as written."""
-    values = {"instruction": instruction, "response": response}
-    return re.sub(r"\{(instruction|response)\}", lambda m: values[m.group(1)], template)
+# 6. The judge's target output
 
 
 def asked_for(task):
@@ -848,8 +828,9 @@ _KINDS_FOR_SCORE = {
 EFT_SCORES = [0, 0, 1, 2, 3, 4, 5]
 
 
-def eft_seed(seed, n, template, pool=None, pool_share=0.5):
-    """n (filled judge prompt, judge target) pairs on training tasks.
+def eft_seed(seed, n, pool=None, pool_share=0.5):
+    """n (instruction, response, judge target) triples on training tasks; judge.fill puts the
+    instruction and the response into the judge prompt.
 
     Balanced scores: example i gets the target score EFT_SCORES[i % 7] (then the list is
     shuffled), so each score 1..5 appears about n / 7 times and 0 twice as often (most zeros
@@ -885,7 +866,7 @@ def eft_seed(seed, n, template, pool=None, pool_share=0.5):
             else:
                 raise RuntimeError(f"could not sample an EFT example with score {target}")
         seen.add((task.prompt, response))
-        out.append((judge_prompt(template, task.prompt, response), judge_target(task, grade(task, response))))
+        out.append((task.prompt, response, judge_target(task, grade(task, response))))
     rng.shuffle(out)
     return out
 

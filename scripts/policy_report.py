@@ -21,7 +21,8 @@ import ppo  # noqa: E402
 import sft  # noqa: E402
 import tasks  # noqa: E402
 from data import encode_documents  # noqa: E402
-from model import get_device, load_checkpoint  # noqa: E402
+from checkpoint import load_checkpoint  # noqa: E402
+from train_utils import get_device  # noqa: E402
 from reward import load_reward_model  # noqa: E402
 
 

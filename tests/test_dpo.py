@@ -58,7 +58,7 @@ def test_loss_is_ln2_when_policy_equals_reference(tok):
     ids, mask = dpo.pair_batch(encoded(tok), tok.pad_id)
     with torch.no_grad():
         c, r = dpo.response_logps(model, ids, mask)
-    losses, cr, rr = dpo.preference_loss(c, r, c.clone(), r.clone(), beta=0.1)
+    losses, cr, rr, _ = dpo.preference_loss(c, r, c.clone(), r.clone(), beta=0.1)
     torch.testing.assert_close(losses, torch.full_like(losses, math.log(2)))
     assert cr.abs().max() == 0 and rr.abs().max() == 0
     assert dpo.batch_stats(losses, cr, rr, c, r)["reward_accuracy"] == 0.5
@@ -76,7 +76,7 @@ def test_losses_equal_hand_computation_on_two_pairs():
     smooth_ref = [-(1 - eps) * math.log(sig(beta * x)) - eps * math.log(sig(-beta * x)) for x in h]
     ipo_ref = [(x - 1 / (2 * beta)) ** 2 for x in h]
     for kw, ref in [({}, dpo_ref), ({"label_smoothing": eps}, smooth_ref), ({"loss_type": "ipo"}, ipo_ref)]:
-        losses, cr, rrw = dpo.preference_loss(pc, pr, rc, rr, beta, **kw)
+        losses, cr, rrw, _ = dpo.preference_loss(pc, pr, rc, rr, beta, **kw)
         torch.testing.assert_close(losses, torch.tensor(ref), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(cr, torch.tensor([0.5, -0.5]))
     torch.testing.assert_close(rrw, torch.tensor([-0.25, 1.0]))

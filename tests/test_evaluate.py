@@ -17,8 +17,12 @@ import torch
 import evaluate
 import tasks
 from data import decode_response, encode_prompt, train_tokenizer
-from evaluate import head_to_head, kendall_tau, parse_failure_rate, parse_score, reward_modeling, spearman
-from model import ModelConfig, Transformer, generate
+import judge
+import sampling
+from evaluate import head_to_head, kendall_tau, reward_modeling, spearman
+from judge import parse_failure_rate, parse_score
+from model import ModelConfig, Transformer
+from sampling import generate
 
 
 
@@ -196,11 +200,12 @@ def test_head_to_head_hand_example():
 # judge() with a stubbed sampler
 
 
-SAMPLE_RESPONSES_SIGNATURE = inspect.signature(evaluate.sample_responses)
+SAMPLE_RESPONSES_SIGNATURE = inspect.signature(sampling.sample_responses)
 
 
 def _stub_sampler(monkeypatch, reply):
-    """Replace evaluate.sample_responses; `reply(prompts, n, kwargs)` gives the texts. Returns the call log."""
+    """Replace sample_responses (in judge.py and evaluate.py); `reply(prompts, n, kwargs)` gives the texts.
+    Returns the call log."""
     sig = SAMPLE_RESPONSES_SIGNATURE
     calls = []
 
@@ -211,23 +216,24 @@ def _stub_sampler(monkeypatch, reply):
         calls.append(a)
         return reply(a["prompts"], a["n"], a)
 
+    monkeypatch.setattr(judge, "sample_responses", stub)
     monkeypatch.setattr(evaluate, "sample_responses", stub)
     return calls
 
 
 def test_judge_averages_parsable_samples_only(monkeypatch):
     """judge(): score = mean of the parsable samples, None if none parse; parse_failure_rate counts unparsable samples."""
-    template = tasks.load_judge_template()
+    template = judge.load_judge_template()
     items = [("Compute 1 + 2.", "The sum is 3."), ("Sort: 3 1", "Sorted: 1 3."), ("Compute 2 + 2.", "Five.")]
     texts = [
         ["+1 ...\nScore: 4", "Score: 5", "I cannot decide."],
         ["nothing here", None, ""],
         ["Score: 2", "Score: 3", "Score: 7"],
     ]
-    prompts = [tasks.judge_prompt(template, i, r) for i, r in items]
+    prompts = [judge.fill(template, i, r) for i, r in items]
     by_prompt = dict(zip(prompts, texts))
     calls = _stub_sampler(monkeypatch, lambda ps, n, a: [list(by_prompt[p]) for p in ps])
-    out = evaluate.judge(None, None, template, items, n_samples=3, max_new_tokens=77)
+    out = judge.score(None, None, template, items, n_samples=3, max_new_tokens=77)
     assert calls[0]["prompts"] == prompts and calls[0]["n"] == 3 and calls[0]["max_new_tokens"] == 77
     assert [j.score for j in out] == [pytest.approx(4.5), None, pytest.approx(2.5)]
     assert [j.samples for j in out] == [[4.0, 5.0, None], [None, None, None], [2.0, 3.0, None]]
@@ -238,9 +244,9 @@ def test_judge_averages_parsable_samples_only(monkeypatch):
 
 def test_judge_eval_with_oracle_judge(monkeypatch):
     """judge_eval regroups per-response judgments by prompt: a judge that writes the oracle's points ranks perfectly."""
-    template = tasks.load_judge_template()
+    template = judge.load_judge_template()
     eft_eval = tasks.eft_eval_set(11, 4, 3)
-    points_of = {tasks.judge_prompt(template, t.prompt, r): p for t, rs, ps in eft_eval for r, p in zip(rs, ps)}
+    points_of = {judge.fill(template, t.prompt, r): p for t, rs, ps in eft_eval for r, p in zip(rs, ps)}
     _stub_sampler(monkeypatch, lambda ps, n, a: [[f"Score: {points_of[p]}"] * n for p in ps])
     r = evaluate.judge_eval(None, None, template, eft_eval, n_samples=2)
     assert r["pairwise_accuracy"] == 100 and r["exact_match"] == 100 and r["parse_failure_rate"] == 0
@@ -316,7 +322,7 @@ def test_sample_responses_keeps_input_order(tiny):
     assert lengths != sorted(lengths) and len(set(lengths)) == len(lengths)
     expected = [_greedy_one(model, tok, p, 10) for p in prompts]
     assert len(set(expected)) == len(expected)  # distinct, so a mix-up would show
-    out = evaluate.sample_responses(model, tok, prompts, n=2, temperature=0, top_p=1.0, max_new_tokens=10,
+    out = sampling.sample_responses(model, tok, prompts, n=2, temperature=0, top_p=1.0, max_new_tokens=10,
                                     batch_size=3)
     assert len(out) == len(prompts) and all(len(o) == 2 for o in out)
     assert out == [[e, e] for e in expected]
@@ -332,14 +338,14 @@ def test_sample_responses_skips_prompts_that_do_not_fit(tiny, capsys):
     over = "Sort: " + "7" * (limit - base + 1)
     assert len(encode_prompt(tok, at_limit)) == limit and len(encode_prompt(tok, over)) == limit + 1
     prompts = ["Compute 3 + 4.", over, at_limit, "Count the items: bed cup"]
-    out = evaluate.sample_responses(model, tok, prompts, n=3, temperature=0.7, max_new_tokens=max_new,
+    out = sampling.sample_responses(model, tok, prompts, n=3, temperature=0.7, max_new_tokens=max_new,
                                     generator=torch.Generator().manual_seed(0))
     assert out[1] == [None, None, None]
     for i in (0, 2, 3):
         assert all(isinstance(s, str) for s in out[i]), i
     assert "1 of 4 prompts" in capsys.readouterr().out
     # sampled (temperature > 0) with a seeded generator: repeatable
-    again = evaluate.sample_responses(model, tok, prompts, n=3, temperature=0.7, max_new_tokens=max_new,
+    again = sampling.sample_responses(model, tok, prompts, n=3, temperature=0.7, max_new_tokens=max_new,
                                       generator=torch.Generator().manual_seed(0))
     assert again == out
 
@@ -358,9 +364,9 @@ def test_judged_head_to_head_needs_both_judgings_to_agree(monkeypatch):
     def fake_judge(model, tok, template, items, n_samples=3, **kw):
         table = first if not calls else second
         calls.append([r for _, r in items])
-        return [evaluate.Judgment(table[r], [table[r]], ["..."]) for _, r in items]
+        return [judge.Judgment(table[r], [table[r]], ["..."]) for _, r in items]
 
-    monkeypatch.setattr(evaluate, "judge", fake_judge)
+    monkeypatch.setattr(judge, "score", fake_judge)
     h = evaluate.judged_head_to_head(None, None, "t", prompts, a, b)
     # p0: A wins twice -> win; p1: B twice -> loss; p2: A then B -> tie; p3: equal -> tie;
     # p4: B unparsable in the first pass -> tie
@@ -372,9 +378,9 @@ def test_judged_head_to_head_needs_both_judgings_to_agree(monkeypatch):
 def test_judged_head_to_head_missing_response_is_a_tie_not_judged(monkeypatch):
     """A response that does not exist (its prompt did not fit) is never judged and never wins."""
     def fake_judge(model, tok, template, items, n_samples=3, **kw):
-        return [evaluate.Judgment(5.0 if r == "a" else 0.0, [5.0], ["..."]) for _, r in items]
+        return [judge.Judgment(5.0 if r == "a" else 0.0, [5.0], ["..."]) for _, r in items]
 
-    monkeypatch.setattr(evaluate, "judge", fake_judge)
+    monkeypatch.setattr(judge, "score", fake_judge)
     h = evaluate.judged_head_to_head(None, None, "t", ["p0", "p1"], ["a", None], ["b", "b"])
     assert (h["win"], h["tie"], h["loss"]) == (50.0, 50.0, 0.0)
 
@@ -418,9 +424,9 @@ def test_judged_head_to_head_passes_temperature_and_top_p(monkeypatch):
 
     def fake_judge(*a, **kw):
         seen.append((kw["temperature"], kw["top_p"]))
-        return [evaluate.Judgment(3.0, [3.0], ["Score: 3"])] * len(a[3])
+        return [judge.Judgment(3.0, [3.0], ["Score: 3"])] * len(a[3])
 
-    monkeypatch.setattr(evaluate, "judge", fake_judge)
+    monkeypatch.setattr(judge, "score", fake_judge)
     evaluate.judged_head_to_head(None, None, "{instruction}{response}", ["p"], ["a"], ["b"],
                                  temperature=1.3, top_p=0.5)
     assert seen == [(1.3, 0.5), (1.3, 0.5)]

@@ -13,18 +13,13 @@ import pytest
 import torch
 import torch.nn as nn
 
+import checkpoint as C
 import model as M
-from model import (
-    Generation,
-    KVCache,
-    ModelConfig,
-    Transformer,
-    filter_logits,
-    generate,
-    sequence_logprobs,
-    token_logprobs,
-)
+import sampling
+import train_utils
 from data import pad_batch
+from model import KVCache, ModelConfig, Transformer, sequence_logprobs, token_logprobs
+from sampling import Generation, filter_logits, generate
 
 V = 97  # vocabulary of the tiny models
 PAD = 0
@@ -502,7 +497,7 @@ def test_generate_rejects_a_right_padded_tensor_prompt():
 def test_generate_restores_training_mode_when_it_raises(monkeypatch):
     """A failure inside sampling leaves the model in train mode if it was in train mode."""
     m = make_model(dropout=0.1).train()
-    monkeypatch.setattr(M, "filter_logits", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(sampling, "filter_logits", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
         generate(m, [[5, 6, 7]], 4, EOS, PAD, temperature=0.7)
     assert m.training
@@ -682,7 +677,7 @@ def test_checkpoint_is_readable_by_others(tmp_path):
 def test_save_metadata_lands_in_the_weights_header(tmp_path):
     """metadata= is stored in model.safetensors (trainers keep their step there) and read back."""
     make_model().save_pretrained(str(tmp_path / "c"), metadata={"step": "7"})
-    assert M.checkpoint_metadata(str(tmp_path / "c"))["step"] == "7"
+    assert C.checkpoint_metadata(str(tmp_path / "c"))["step"] == "7"
 
 
 def test_interrupted_rename_never_leaves_a_mix_that_loads_silently(tmp_path, monkeypatch):
@@ -703,7 +698,7 @@ def test_interrupted_rename_never_leaves_a_mix_that_loads_silently(tmp_path, mon
         make_model(2).save_pretrained(str(path), extra_files={"state.txt": "2"}, metadata={"step": "2"})
     monkeypatch.undo()
     assert (path / "state.txt").read_text() == "2"  # renamed before the kill
-    assert M.checkpoint_metadata(str(path))["step"] == "1"  # weights: still the old ones
+    assert C.checkpoint_metadata(str(path))["step"] == "1"  # weights: still the old ones
     assert sorted(os.listdir(path)) == ["config.json", "model.safetensors", "state.txt"]
     Transformer.from_pretrained(str(path))  # loads: every file is whole
 
@@ -827,7 +822,7 @@ def test_load_checkpoint_refuses_a_tokenizer_larger_than_the_model(tmp_path):
     assert tok.vocab_size > V
     make_model().save_pretrained(str(tmp_path / "c"), tokenizer=tok)
     with pytest.raises(UserError, match="tokenizer has"):
-        M.load_checkpoint(str(tmp_path / "c"))
+        C.load_checkpoint(str(tmp_path / "c"))
 
 
 def test_get_device_names_a_missing_device():
@@ -837,10 +832,10 @@ def test_get_device_names_a_missing_device():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(UserError, match="no CUDA"):
-        M.get_device("cuda")
+        train_utils.get_device("cuda")
     with pytest.raises(UserError, match="not a device"):
-        M.get_device("gpu0")
-    assert M.get_device("cpu").type == "cpu"
+        train_utils.get_device("gpu0")
+    assert train_utils.get_device("cpu").type == "cpu"
 
 
 def test_sharded_checkpoint_loads_like_single_file(tmp_path):

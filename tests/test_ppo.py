@@ -16,7 +16,8 @@ import ppo
 import sft
 import tasks
 from data import UserError, encode_prompt, train_tokenizer
-from model import ModelConfig, Transformer, configure_optimizer
+from model import ModelConfig, Transformer
+from train_utils import configure_optimizer
 from reward import RewardModel, load_reward_model
 
 VOCAB = 300
@@ -186,7 +187,7 @@ def test_per_token_kl_is_zero_when_policy_equals_reference(sft_model):
     """Policy = reference: every per-token KL is exactly 0, so the reward is the score on the
     last response token (the EOS where there is one) and 0 elsewhere. Against another
     reference the KL is non-zero on response tokens and still 0 after EOS."""
-    from model import load_checkpoint
+    from checkpoint import load_checkpoint
 
     policy, tok = load_checkpoint(sft_model[0])
     policy.eval()
@@ -215,7 +216,7 @@ def test_per_token_kl_is_zero_when_policy_equals_reference(sft_model):
 def test_rollout_logprobs_are_the_samplers_at_the_same_temperature(tok):
     """The rollout's recomputed log-probs equal the sampler's (log softmax(logits / T) of the
     sampled token): the same temperature in sampling and in scoring."""
-    from model import generate
+    from sampling import generate
 
     policy, reference, value = four_models(tok)
     cfg = small_cfg(temperature=0.7)

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from data import encode_chat, encode_prompt, load_tokenizer, train_tokenizer
-from model import Transformer, generate
+from model import Transformer
+from sampling import generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))

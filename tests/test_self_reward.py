@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import report
 import self_reward
 import tasks
 from self_reward import build_pairs, prompt_verdict
@@ -69,7 +70,7 @@ def test_pair_metrics_precision_and_saturation():
              dict(chosen="a", rejected="b", chosen_score=5.0, rejected_score=2.0, chosen_oracle=4, rejected_oracle=1)]
     judgments = [{"oracle": [p["chosen_oracle"], p["rejected_oracle"]], "samples": [[5.0, None], [4.0, 4.0]]}
                  for p in pairs]
-    m = self_reward.pair_metrics([{}] * 5, judgments, pairs, {"pair": 4, "tie": 1})
+    m = report.pair_metrics([{}] * 5, judgments, pairs, {"pair": 4, "tie": 1})
     assert m["pair_precision"] == 50 and m["pair_oracle_tie"] == 25 and m["pair_reversed"] == 25
     assert m["five_vs_four"] == 25
     assert m["pair_yield"] == 80 and m["tie_rate"] == 20

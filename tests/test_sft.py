@@ -17,7 +17,8 @@ import torch.nn.functional as F
 import sft
 import tasks
 from data import DataError, UserError, encode_chat, encode_prompt, encode_response, load_tokenizer, pad_batch, train_tokenizer
-from model import ModelConfig, Transformer, lr_schedule
+from model import ModelConfig, Transformer
+from train_utils import lr_schedule
 
 VOCAB = 300
 

@@ -6,6 +6,7 @@ from collections import Counter
 
 import pytest
 
+import judge
 import tasks
 from tasks import CRITERIA, CORRUPTIONS, FAMILIES, grade, make_task, parse_task
 
@@ -432,8 +433,7 @@ def test_parse_fuzz_never_raises():
 # determinism, seeds and the held-out split
 
 def _all_outputs(seed):
-    tpl = tasks.load_judge_template()
-    return (tasks.pretrain_corpus(seed, 40), tasks.ift_seed(seed, 40), tasks.eft_seed(seed, 30, tpl),
+    return (tasks.pretrain_corpus(seed, 40), tasks.ift_seed(seed, 40), tasks.eft_seed(seed, 30),
             tasks.eval_prompts(seed, 30), tasks.eft_eval_set(seed, 10, 4))
 
 
@@ -535,15 +535,13 @@ def test_heldout_add_has_no_swapped_twin_in_training():
 
 
 def test_eval_prompts_disjoint_from_training_data():
-    tpl = tasks.load_judge_template()
     evals = tasks.eval_prompts(0, 300)
     assert len(evals) == 300 and len({_canon(t) for t in evals}) == 300
     assert all(tasks.is_heldout(t) for t in evals)
 
     train_prompts = _corpus_prompts(tasks.pretrain_corpus(0, 1500))  # Q/A and numbered lists
     train_prompts += [p for p, _ in tasks.ift_seed(0, 600)]
-    train_prompts += [re.search(r"^Question: (.*)$", p, re.M).group(1)
-                      for p, _ in tasks.eft_seed(0, 300, tpl)]
+    train_prompts += [q for q, _, _ in tasks.eft_seed(0, 300)]
     assert len(train_prompts) > 3000
     train_tasks = [parse_task(p) for p in train_prompts]
     assert all(t is not None for t in train_tasks)
@@ -617,17 +615,15 @@ def _split_filled(template, filled):
 
 @pytest.mark.parametrize("n", [300, 301, 5])
 def test_eft_seed_balanced_and_consistent_with_the_oracle(n):
-    tpl = tasks.load_judge_template()
-    data = tasks.eft_seed(3, n, tpl)
+    data = tasks.eft_seed(3, n)
     assert len(data) == n
     scores = Counter()
-    for filled, target in data:
+    for instruction, response, target in data:
         last = target.splitlines()[-1]
         m = re.fullmatch(r"Score: ([0-5])", last)
         assert m, last
         k = int(m.group(1))
         scores[k] += 1
-        instruction, response = _split_filled(tpl, filled)
         g = grade(parse_task(instruction), response)
         assert g.points == k
         assert target == tasks.judge_target(parse_task(instruction), g)
@@ -640,11 +636,9 @@ def test_eft_seed_balanced_and_consistent_with_the_oracle(n):
 
 def test_eft_zeros_are_mostly_answers_of_the_wrong_kind():
     """A judge must read the question: many EFT zeros answer with another family's kind."""
-    tpl = tasks.load_judge_template()
     kinds = Counter()
-    for filled, target in tasks.eft_seed(5, 700, tpl):
+    for _, _, target in tasks.eft_seed(5, 700):
         if target.endswith("Score: 0"):
-            instruction, response = _split_filled(tpl, filled)
             kinds[target.splitlines()[1]] += 1
     wrong_kind = sum(v for k, v in kinds.items() if k.startswith("relevant: no "))
     assert wrong_kind >= 0.5 * sum(kinds.values()), kinds
@@ -664,7 +658,7 @@ def test_judge_target_format():
 
 
 def test_judge_prompt_fills_and_keeps_braces():
-    tpl = tasks.load_judge_template()
+    tpl = judge.load_judge_template()
     assert "{instruction}" in tpl and "{response}" in tpl
     assert 40 <= len(tpl.split()) <= 95  # compact: every judgment pays for its length
     for name in CRITERIA:
@@ -672,18 +666,18 @@ def test_judge_prompt_fills_and_keeps_braces():
     assert "Score: <points>" in tpl
     instr = "What is {response} plus {0}?"
     resp = "{instruction} {} {response} }{"
-    filled = tasks.judge_prompt(tpl, instr, resp)
+    filled = judge.fill(tpl, instr, resp)
     assert "{instruction}" not in filled.replace(resp, "")
     assert filled.count(instr) == 1 and filled.count(resp) == 1
     assert _split_filled(tpl, filled) == (instr, resp)
-    assert tasks.judge_prompt("Q={instruction} R={response}", "a", "b") == "Q=a R=b"
+    assert judge.fill("Q={instruction} R={response}", "a", "b") == "Q=a R=b"
 
 
 def test_load_judge_template_checks_placeholders(tmp_path):
     bad = tmp_path / "judge.txt"
     bad.write_text("Rate this: {instruction}\n")
     with pytest.raises(ValueError):
-        tasks.load_judge_template(str(bad))
+        judge.load_judge_template(str(bad))
 
 
 def test_eft_eval_set():

@@ -1,0 +1,111 @@
+"""The model as its own judge (LLM-as-a-Judge, Self-Rewarding LMs section 2.1).
+
+  - `load_judge_template`, `fill`   the judge prompt (judge_prompt.txt in the task world,
+                                    judge_prompt_real.txt for real text), {instruction} and
+                                    {response} filled in
+  - `parse_score`                   the judge's text -> its final score in [0, 5], or None
+  - `score`                         sample the judge several times per item, average the
+                                    parsable scores; an item with none has no score
+A parse failure is never turned into a score: it is None, counted and reported.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from data import Tokenizer
+from model import Transformer
+from sampling import sample_responses
+
+
+# -----------------------------------------------------------------------------
+# The judge prompt
+
+
+def load_judge_template(path=None):
+    """The LLM-as-a-Judge template (judge_prompt.txt beside this file unless path is given)."""
+    if path is None:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "judge_prompt.txt")
+    with open(path, encoding="utf-8") as f:
+        template = f.read().strip()
+    for slot in ("{instruction}", "{response}"):
+        if slot not in template:
+            raise ValueError(f"{path}: judge template has no {slot} placeholder")
+    return template
+
+
+def fill(template, instruction, response):
+    """Fill the judge template. One regex pass, so braces in the instruction or response
+    (even a literal "{response}" inside the instruction) are left exactly as written."""
+    values = {"instruction": instruction, "response": response}
+    return re.sub(r"\{(instruction|response)\}", lambda m: values[m.group(1)], template)
+
+
+# -----------------------------------------------------------------------------
+# Reading and sampling the verdict
+
+
+# A score statement is the word "score" (a stated range like "(0-5)" may follow) and then,
+# after a few separator characters, the number: "Score: 4", "score - 4.0", "**Score:** 4/5",
+# "SCORE: 3 points", "the score is 3". The judge is asked to END with "Score: <points>", so the LAST statement
+# is the verdict, and if that one is unreadable ("Score: none", "Score: 3-5", "Score: 4/10",
+# "Score: 7") the answer is None: an earlier statement the judge went on to revise is not
+# its verdict. "score" in prose ("that explains the score.") is no statement and is skipped.
+# The sign and a leading "." belong to the number ("Score: -1" is out of range, not 1).
+SCORE_WORD_RE = re.compile(r"\bscore(?:\s*[(\[]\s*\d\s*[-–]\s*\d\s*[)\]])?", re.IGNORECASE)
+SCORE_VALUE_RE = re.compile(r"[\s:*_=\-–]{0,6}?(?:is\s+)?(-?(?:\d+(?:\.\d+)?|\.\d+))(\s*[-–]\s*\d)?(?:\s*/\s*(\d+))?")
+SCORE_COLON_RE = re.compile(r"[\s*_]*[:=]")  # "Score:" followed by no number: an unreadable statement
+
+
+def parse_score(text: str | None) -> float | None:
+    """The judge's final score in [0, 5], or None when there is none. A failure never
+    becomes a score."""
+    if not text:
+        return None
+    verdict = None  # (number, range tail, denominator) of the last statement; "" if unreadable
+    for word in SCORE_WORD_RE.finditer(text):
+        rest = text[word.end():]
+        value = SCORE_VALUE_RE.match(rest)
+        if value:
+            verdict = value.groups()
+        elif SCORE_COLON_RE.match(rest):
+            verdict = ""
+    if not verdict:
+        return None
+    number, range_tail, out_of = verdict
+    if range_tail or (out_of and out_of != "5"):
+        return None  # "3-5" is no single score; "4/10" is not on our scale
+    value = float(number)
+    return value if 0.0 <= value <= 5.0 else None
+
+
+@dataclass
+class Judgment:
+    score: float | None  # mean of the parsable samples; None if none parsed
+    samples: list[float | None]  # each sample's parsed score
+    texts: list[str | None]  # what the judge wrote
+
+
+def score(model: Transformer, tok: Tokenizer, template: str, items: list[tuple[str, str]],
+          n_samples: int = 3, temperature: float = 0.7, top_p: float = 0.9,
+          max_new_tokens: int = 64, batch_size: int = 64, generator=None,
+          desc: str = "judging") -> list[Judgment]:
+    """Score (instruction, response) pairs with the model as its own judge: the judge prompt
+    is sampled n_samples times and the parsable scores are averaged (Self-Rewarding LMs, 3
+    samples). max_new_tokens is the judge's own budget, separate from the prompt length."""
+    prompts = [fill(template, ins, resp) for ins, resp in items]
+    texts = sample_responses(model, tok, prompts, n_samples, temperature, top_p, max_new_tokens,
+                             batch_size, generator, desc)
+    out = []
+    for t in texts:
+        samples = [parse_score(x) for x in t]
+        valid = [s for s in samples if s is not None]
+        out.append(Judgment(sum(valid) / len(valid) if valid else None, samples, t))
+    return out
+
+
+def parse_failure_rate(judgments: list[Judgment]) -> float:
+    samples = [s for j in judgments for s in j.samples]
+    return sum(s is None for s in samples) / max(1, len(samples))
