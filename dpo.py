@@ -11,21 +11,20 @@ reference (the starting model) does, relative to y_l:
 the policy may move from the reference: smaller β, weaker anchor.
 
     python dpo.py --init runs/default/M1/model --data pairs.jsonl --out_dir runs/dpo
-    python dpo.py --init runs/default/SFT/model --world_pairs 2000 --out_dir runs/dpo_world
+    python dpo.py --init runs/default/SFT/model --world_prompts 4000 --out_dir runs/dpo_world
 
 --data reads any preference format of data.py ({"prompt","chosen","rejected"}, Anthropic HH
 transcripts, or ranked lists as reward.py reads them: one pair per ranked comparison).
---world_pairs N needs no file: the task world's oracle ranks two samples of --init per
-training prompt, and the run ends with the oracle's verdict on held-out prompts, before and
+--world_prompts N needs no file: the task world's oracle ranks two samples of --init on
+each of N training prompts, and the run ends with the oracle's verdict on held-out prompts, before and
 after.
 
 Output: out_dir/model/ (HF layout, the resolved config, the trainer state for --resume),
-out_dir/metrics.jsonl, and out_dir/world_pairs.jsonl for --world_pairs.
+out_dir/metrics.jsonl, and out_dir/world_pairs.jsonl for --world_prompts.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import time
@@ -40,8 +39,9 @@ from data import (Preference, UserError, encode_prompt, encode_response, epoch_b
                   pad_batch, read_jsonl, write_jsonl)
 from checkpoint import load_checkpoint, load_trainer_state, save_checkpoint
 from model import autocast, sequence_logprobs
-from train_utils import (check_finite, check_ranges, cli, configure_optimizer, get_device, log_metrics,
-                         lr_schedule, prepare_out_dir)
+from train_utils import (OptimFlags, RunFlags, SamplingFlags, check_finite, check_ranges, cli, configure_optimizer,
+                         get_device, log_metrics, lr_schedule, optim_ranges, prepare_out_dir, sampling_ranges,
+                         total_steps)
 
 
 # -----------------------------------------------------------------------------
@@ -103,30 +103,34 @@ def batch_stats(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_
 
 
 def world_preferences(model, tok, cfg: DPOConfig) -> list[dict]:
-    """cfg.world_pairs preference pairs without any file: per training prompt of the task world,
-    two samples of the model at cfg.temperature, ranked by the oracle; prompts whose two
-    samples score the same give no pair. Rows {"prompt", "chosen", "rejected", "points"}."""
+    """Preference pairs without any file: cfg.world_prompts training prompts of the task world,
+    two samples of the model each (temperature, top-p, top-k), ranked by the oracle. A prompt
+    whose samples score the same gives no pair, nor does one with a sample cut off by the budget
+    (it has no EOS: DPO would teach its text followed by an EOS the model never wrote). Rows
+    {"prompt", "chosen", "rejected", "points"}."""
     from sampling import sample_responses
 
     rng = random.Random(f"dpo-world/{cfg.world_seed}/{cfg.seed}")
     gen = torch.Generator(get_device(cfg.device)).manual_seed(cfg.seed)
-    rows, tried = [], 0
-    while len(rows) < cfg.world_pairs:
-        if tried > 20 * cfg.world_pairs:
-            raise UserError(f"--world_pairs: only {len(rows)} pairs from {tried} prompts; the model's two "
-                            "samples almost always score the same")
-        batch = [tasks.sample_task(rng, split="train") for _ in range(256)]
-        tried += len(batch)
-        samples = sample_responses(model, tok, [t.prompt for t in batch], 2, cfg.temperature, cfg.top_p,
-                                   cfg.max_new_tokens, generator=gen, desc="world pairs")
-        for task, (a, b) in zip(batch, samples):
-            if a is None or b is None:
-                continue
-            pa, pb = tasks.grade(task, a).points, tasks.grade(task, b).points
-            if pa != pb and len(rows) < cfg.world_pairs:
-                (c, pc), (r, pr) = sorted([(a, pa), (b, pb)], key=lambda x: -x[1])
-                rows.append({"prompt": task.prompt, "chosen": c, "rejected": r, "points": [pc, pr]})
-    print(f"world pairs: {len(rows)} from {tried} prompts (the rest scored equal)")
+    batch = [tasks.sample_task(rng, split="train") for _ in range(cfg.world_prompts)]
+    samples, finished = sample_responses(model, tok, [t.prompt for t in batch], 2, cfg.temperature, cfg.top_p,
+                                         cfg.max_new_tokens, generator=gen, desc="world pairs", return_finished=True,
+                                         top_k=cfg.top_k)
+    rows, counts = [], {"equal scores": 0, "unfinished": 0}
+    for task, (a, b), ended in zip(batch, samples, finished):
+        if not all(ended):
+            counts["unfinished"] += 1
+            continue
+        pa, pb = tasks.grade(task, a).points, tasks.grade(task, b).points
+        if pa == pb:
+            counts["equal scores"] += 1
+            continue
+        (c, pc), (r, pr) = sorted([(a, pa), (b, pb)], key=lambda x: -x[1])
+        rows.append({"prompt": task.prompt, "chosen": c, "rejected": r, "points": [pc, pr]})
+    print(f"world pairs: {len(rows)} from {len(batch)} prompts (no pair: {counts})")
+    if not rows:
+        raise UserError(f"--world_prompts {cfg.world_prompts}: no pair (no pair: {counts}); the model's two "
+                        "samples always score the same or never end")
     return rows
 
 
@@ -187,63 +191,39 @@ def reference_logps(reference, pairs: list[dict], pad_id: int, device, batch_siz
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(RunFlags, OptimFlags, SamplingFlags):
+    # what to train on
     init: str = ""  # the starting model: the policy starts here and the reference stays here
-    data: str = ""  # preference JSONL (any data.py preference format)
-    world_pairs: int = 0  # instead of --data: this many oracle-ranked pairs sampled from --init
-    out_dir: str = "runs/dpo"
-    eval_frac: float = 0.05  # share of the pairs held out for the evaluation metrics
+    data: str = ""  # preference JSONL (any data.py preference format, or ranked lists)
+    world_prompts: int = 0  # instead of --data: this many task-world prompts, two samples of --init each, ranked by the oracle
+    eval_frac: float = 0.05  # share of the prompts held out for the evaluation metrics
     system: str = ""  # a system message for every prompt (default: none; a real model's template may add its own)
-    seed: int = 1337
-    world_seed: int = 0
+    world_seed: int = 0  # the task world's data are generated from this seed
+    n_eval: int = 300  # --world_prompts: held-out world prompts graded by the oracle before and after (0: skip)
+    max_seq_len: int = 0  # context length; 0: the checkpoint's own
     # the loss
-    loss: str = "dpo"  # "dpo" (Rafailov et al., eq. 7) or "ipo" (Azar et al., eq. 17)
-    beta: float = 0.1
-    label_smoothing: float = 0.0  # conservative DPO: the chance that a pair's label is flipped
-    nll_coef: float = 0.0  # + α · NLL of the chosen response per token (Pang et al. 2024, "RPO"); keeps log π(y_w) up
+    loss: str = "dpo"  # dpo (Rafailov et al., eq. 7) or ipo (Azar et al., eq. 17; log-ratios summed over tokens)
+    beta: float = 0.1  # β: how far the policy may move from the reference (smaller: weaker anchor)
+    label_smoothing: float = 0.0  # conservative DPO: the chance that a pair's label is flipped (dpo only)
+    nll_coef: float = 0.0  # α: + α · NLL of the chosen response per token (Pang et al. 2024, "RPO"); keeps log π(y_w) up
     precompute_ref: bool = True  # reference log-probs computed once before training (one model in memory)
-    # optimisation (the paper, 70B: lr 1e-6 -> 1e-7, batch 16; small models want larger rates)
+    # run
+    out_dir: str = "runs/dpo"
+    # optimisation
     batch_size: int = 16  # pairs per micro-batch (each pair is two sequences)
-    grad_accum: int = 1
-    epochs: float = 1.0
-    max_steps: int = 0  # 0: from --epochs
-    lr: float = 5e-5
-    min_lr: float = 5e-6
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
+    lr: float = 5e-5  # (the paper, 70B: 1e-6 -> 1e-7; small models want larger rates)
     dropout: float = 0.0  # the paper trained with 0.1; dropout makes the policy differ from the reference at step 0
-    max_seq_len: int = 0  # 0: the checkpoint's own
-    eval_every: int = 50
-    save_every: int = 0
-    resume: bool = False
-    overwrite: bool = False
-    device: str = "auto"
-    compile: bool = False
-    # --world_pairs sampling and evaluation
-    temperature: float = 0.7
-    top_p: float = 0.9
-    max_new_tokens: int = 40
-    n_eval_world: int = 300  # held-out world prompts graded by the oracle before and after (0: skip)
 
     def __post_init__(self):
         c = self
         check_ranges(c, {
+            **optim_ranges(c), **sampling_ranges(c),
             "loss": (c.loss in ("dpo", "ipo"), "dpo or ipo"), "beta": (c.beta > 0, "> 0"),
-            "label_smoothing": (0 <= c.label_smoothing < 0.5, "in [0, 0.5)"), "nll_coef": (c.nll_coef >= 0, ">= 0"),
-            "batch_size": (c.batch_size >= 1, ">= 1"), "grad_accum": (c.grad_accum >= 1, ">= 1"),
-            "epochs": (c.epochs > 0, "> 0"), "max_steps": (c.max_steps >= 0, ">= 0"),
-            "lr": (c.lr > 0, "> 0"), "min_lr": (0 <= c.min_lr <= c.lr, "between 0 and --lr"),
-            "warmup_steps": (c.warmup_steps >= 0, ">= 0"), "weight_decay": (c.weight_decay >= 0, ">= 0"),
-            "beta1": (0 <= c.beta1 < 1, "in [0, 1)"), "beta2": (0 <= c.beta2 < 1, "in [0, 1)"),
-            "grad_clip": (c.grad_clip > 0, "> 0"), "dropout": (0 <= c.dropout < 1, "in [0, 1)"),
-            "eval_frac": (0 <= c.eval_frac < 1, "in [0, 1)"), "eval_every": (c.eval_every >= 0, ">= 0"),
-            "save_every": (c.save_every >= 0, ">= 0"), "max_seq_len": (c.max_seq_len >= 0, ">= 0"),
-            "world_pairs": (c.world_pairs >= 0, ">= 0"), "temperature": (c.temperature > 0, "> 0"),
-            "top_p": (0 < c.top_p <= 1, "in (0, 1]"), "max_new_tokens": (c.max_new_tokens >= 1, ">= 1"),
-            "n_eval_world": (c.n_eval_world >= 0, ">= 0"),
+            "label_smoothing": (0 <= c.label_smoothing < 0.5 and (c.loss == "dpo" or c.label_smoothing == 0),
+                                "in [0, 0.5), and 0 with --loss ipo (IPO has no label smoothing)"),
+            "nll_coef": (c.nll_coef >= 0, ">= 0"), "eval_frac": (0 <= c.eval_frac < 1, "in [0, 1)"),
+            "max_seq_len": (c.max_seq_len >= 0, ">= 0"), "world_prompts": (c.world_prompts >= 0, ">= 0"),
+            "n_eval": (c.n_eval >= 0, ">= 0"), "temperature": (c.temperature > 0, "> 0"),
         })
 
 
@@ -259,8 +239,8 @@ def main(cfg: DPOConfig) -> str:
     # data first: a bad file fails here, before a model is loaded or anything is written
     if not cfg.init:
         raise UserError("--init is required: the checkpoint that the policy starts from and the reference stays at")
-    if bool(cfg.data) == bool(cfg.world_pairs):
-        raise UserError("give exactly one of --data (a preference JSONL) and --world_pairs N")
+    if bool(cfg.data) == bool(cfg.world_prompts):
+        raise UserError("give exactly one of --data (a preference JSONL) and --world_prompts N")
     prefs = load_preference_data(cfg.data) if cfg.data else None
     ckpt_dir = prepare_out_dir(cfg)
     # the reference is the starting model, frozen (eval mode: no dropout, no gradients)
@@ -270,7 +250,7 @@ def main(cfg: DPOConfig) -> str:
     reference.eval().requires_grad_(False)
 
     world_file = os.path.join(cfg.out_dir, "world_pairs.jsonl")
-    if cfg.world_pairs:
+    if cfg.world_prompts:
         if cfg.resume and os.path.exists(world_file):  # the pairs this run was trained on
             rows = [obj for _, obj in read_jsonl(world_file)]
         else:
@@ -290,10 +270,9 @@ def main(cfg: DPOConfig) -> str:
         raise UserError(f"no training pair fits in {max_len} tokens")
     if cfg.batch_size > len(train_pairs):
         raise UserError(f"--batch_size {cfg.batch_size} > {len(train_pairs)} training pairs")
-    steps_per_epoch = max(1, len(train_pairs) // (cfg.batch_size * cfg.grad_accum))
-    max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    max_steps = total_steps(cfg, len(train_pairs))
     print(f"dpo: {len(train_pairs)} train pairs, {len(eval_pairs)} eval pairs; {max_steps} steps "
-          f"of {cfg.batch_size * cfg.grad_accum} pairs ({max_steps / steps_per_epoch:.2f} epochs)")
+          f"of {cfg.batch_size * cfg.grad_accum} pairs ({max_steps * cfg.batch_size * cfg.grad_accum / len(train_pairs):.2f} epochs)")
 
     if cfg.precompute_ref:  # log π_ref once, then only the policy sits in memory
         reference_logps(reference, train_pairs + eval_pairs, tok.pad_id, device)
@@ -335,7 +314,7 @@ def main(cfg: DPOConfig) -> str:
         policy.train()
         return {f"eval_{k}": v / n for k, v in totals.items()}
 
-    optimizer = configure_optimizer(policy, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)
+    optimizer = configure_optimizer(policy, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2), device)
     step = 0
     if cfg.resume:
         step = load_trainer_state(cfg, optimizer, device)["step"]
@@ -351,7 +330,7 @@ def main(cfg: DPOConfig) -> str:
     t0 = time.time()
     for step in pbar:
         torch.manual_seed(cfg.seed + step)  # dropout masks: a function of the step, for --resume
-        lr = lr_schedule(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, max_steps)
+        lr = lr_schedule(step, cfg.lr, cfg.min_lr_ratio, cfg.warmup_steps, max_steps)
         for g in optimizer.param_groups:
             g["lr"] = lr
         stats = {}
@@ -384,7 +363,7 @@ def main(cfg: DPOConfig) -> str:
               f"{row['eval_reward_accuracy']:.3f}, chosen logp {eval_before['eval_chosen_logp']:.2f} -> "
               f"{row['eval_chosen_logp']:.2f}, rejected logp {eval_before['eval_rejected_logp']:.2f} -> "
               f"{row['eval_rejected_logp']:.2f}")
-    if cfg.world_pairs and cfg.n_eval_world:
+    if cfg.world_prompts and cfg.n_eval:
         world_report(cfg, policy, tok, device)
     print(f"saved {ckpt_dir}")
     return ckpt_dir
@@ -395,13 +374,13 @@ def world_report(cfg: DPOConfig, policy, tok, device):
     same prompts, same seed, with a paired bootstrap interval."""
     import evaluate
 
-    eval_tasks = tasks.eval_prompts(cfg.world_seed + 3, cfg.n_eval_world)
+    eval_tasks = tasks.eval_prompts(cfg.world_seed + 3, cfg.n_eval)
     start, _ = load_checkpoint(cfg.init, device)
     results = {}
     for name, model in (("before", start), ("after", policy)):
         gen = torch.Generator(device).manual_seed(cfg.seed)
         results[name] = evaluate.instruction_following(model.eval(), tok, eval_tasks, cfg.temperature, gen,
-                                                       cfg.max_new_tokens, top_p=cfg.top_p)
+                                                       cfg.max_new_tokens, top_p=cfg.top_p, top_k=cfg.top_k)
     c = evaluate.compare(results["after"]["points"], results["before"]["points"], seed=cfg.seed)
     print(f"held-out world prompts ({len(eval_tasks)}, T={cfg.temperature}), oracle mean points: "
           f"{results['before']['oracle_mean']:.2f} -> {results['after']['oracle_mean']:.2f} "

@@ -26,7 +26,7 @@ import judge
 import tasks
 from checkpoint import load_checkpoint
 from sampling import sample_responses
-from train_utils import cli, get_device
+from train_utils import SamplingFlags, check_ranges, cli, get_device, sampling_ranges
 
 
 # -----------------------------------------------------------------------------
@@ -34,12 +34,13 @@ from train_utils import cli, get_device
 
 
 def instruction_following(model, tok, eval_tasks: list, temperature: float = 0.7, generator=None,
-                          max_new_tokens: int = 48, batch_size: int = 64, top_p: float = 0.9) -> dict:
+                          max_new_tokens: int = 48, batch_size: int = 64, top_p: float = 0.9, top_k: int = 0) -> dict:
     """Oracle grades of one response per held-out task. temperature 0 = greedy.
     exact-correct = the answer is right (criterion 4 met), whatever the wording."""
     responses = [r[0] for r in sample_responses(model, tok, [t.prompt for t in eval_tasks], 1,
                                                 temperature, top_p if temperature > 0 else 1.0,
-                                                max_new_tokens, batch_size, generator, "instruction following")]
+                                                max_new_tokens, batch_size, generator, "instruction following",
+                                                top_k=top_k if temperature > 0 else 0)]
     points = [tasks.grade(t, r).points if r is not None else 0 for t, r in zip(eval_tasks, responses)]
     return {
         "oracle_mean": sum(points) / len(points),
@@ -98,7 +99,7 @@ def compare(points_a: list[float], points_b: list[float], seed: int = 0) -> dict
 def judged_head_to_head(judge_model, judge_tok, template: str, prompts: list[str],
                         responses_a: list, responses_b: list, n_samples: int = 3,
                         generator=None, max_new_tokens: int = 64, batch_size: int = 64,
-                        temperature: float = 0.7, top_p: float = 0.9) -> dict:
+                        temperature: float = 0.7, top_p: float = 0.9, top_k: int = 0) -> dict:
     """Head-to-head without an oracle, for user data: a third, frozen checkpoint judges both
     responses to each prompt with judge_prompt.txt (n_samples each, averaged) and the higher
     mean wins. The judge prompt is pointwise (one response per prompt), so there is no
@@ -110,7 +111,7 @@ def judged_head_to_head(judge_model, judge_tok, template: str, prompts: list[str
     a_items = [(p, r if r is not None else "") for p, r in zip(prompts, responses_a)]
     b_items = [(p, r if r is not None else "") for p, r in zip(prompts, responses_b)]
     kw = dict(n_samples=n_samples, generator=generator, max_new_tokens=max_new_tokens, batch_size=batch_size,
-              temperature=temperature, top_p=top_p)
+              temperature=temperature, top_p=top_p, top_k=top_k)
     passes = [judge.score(judge_model, judge_tok, template, a_items + b_items, desc=f"judging, pass {k + 1}/2", **kw)
               for k in range(2)]
     outcome = [0] * n  # per prompt: +1 A wins, -1 B wins, 0 tie
@@ -230,12 +231,12 @@ def reward_modeling(judge_scores: list[list[float | None]], oracle_scores: list[
 
 def judge_eval(model, tok, template: str, eft_eval, n_samples: int = 3, generator=None,
                max_new_tokens: int = 64, batch_size: int = 64, temperature: float = 0.7,
-               top_p: float = 0.9) -> dict:
+               top_p: float = 0.9, top_k: int = 0) -> dict:
     """Reward-modeling metrics of `model` as a judge on the EFT evaluation set
     [(task, K responses, K oracle points)], each response judged n_samples times."""
     items = [(t.prompt, r) for t, rs, _ in eft_eval for r in rs]
     js = judge.score(model, tok, template, items, n_samples, temperature, top_p, max_new_tokens, batch_size,
-               generator, desc="judge eval")
+                     generator, desc="judge eval", top_k=top_k)
     k = len(eft_eval[0][1])
     scores = [[j.score for j in js[i * k : (i + 1) * k]] for i in range(len(eft_eval))]
     out = reward_modeling(scores, [pts for _, _, pts in eft_eval])
@@ -248,22 +249,30 @@ def judge_eval(model, tok, template: str, eft_eval, n_samples: int = 3, generato
 
 
 @dataclass
-class EvalConfig:
-    model: str = "runs/default/M1/model"
+class EvalConfig(SamplingFlags):
+    # what to evaluate
+    model: str = "runs/default/M1/model"  # the checkpoint to evaluate
     baseline: str = ""  # a second checkpoint for the head-to-head
     judge: str = ""  # with --data: a third, frozen checkpoint that judges model vs baseline
-    data: str = ""  # a JSONL of prompts (any data.py SFT format; responses ignored). Empty: task world
-    world_seed: int = 0
+    data: str = ""  # a JSONL of prompts (any data.py SFT format; responses ignored); empty: the task world
+    world_seed: int = 0  # the task world's data are generated from this seed
     n_eval: int = 200  # held-out instruction prompts (or the first n of --data)
     n_eft_eval: int = 40  # held-out judge prompts (K responses each)
-    k: int = 4
-    judge_samples: int = 3
-    temperature: float = 0.7
-    top_p: float = 0.9
+    k: int = 4  # responses per judge prompt
+    judge_samples: int = 3  # judge samples per response, averaged
+    judge_max_new_tokens: int = 64  # the judge's token budget (its own, separate from the prompt)
+    seed: int = 1337  # sampling seed
+    device: str = "auto"  # auto: cuda > mps > cpu
+    # sampling
     max_new_tokens: int = 48
-    judge_max_new_tokens: int = 64
-    seed: int = 1337
-    device: str = "auto"
+
+    def __post_init__(self):
+        c = self
+        check_ranges(c, {**sampling_ranges(c), "temperature": (c.temperature > 0, "> 0"),
+                         "n_eval": (c.n_eval >= 1, ">= 1"), "n_eft_eval": (c.n_eft_eval >= 1, ">= 1"),
+                         "k": (c.k >= 2, ">= 2: a ranking needs two responses"),
+                         "judge_samples": (c.judge_samples >= 1, ">= 1"),
+                         "judge_max_new_tokens": (c.judge_max_new_tokens >= 1, ">= 1")})
 
 
 def main(cfg: EvalConfig):
@@ -287,10 +296,11 @@ def main(cfg: EvalConfig):
         for path in (cfg.model, cfg.baseline):
             model, tok = load(path)
             responses.append([r[0] for r in sample_responses(model, tok, prompts, 1, cfg.temperature, cfg.top_p,
-                                                             cfg.max_new_tokens, generator=gen)])
+                                                             cfg.max_new_tokens, generator=gen, top_k=cfg.top_k)])
         judge_model, judge_tok = load(cfg.judge)
         h = judged_head_to_head(judge_model, judge_tok, template, prompts, *responses, cfg.judge_samples,
-                                gen, cfg.judge_max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
+                                gen, cfg.judge_max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                top_k=cfg.top_k)
         print(f"{cfg.model} vs {cfg.baseline}, judged by {cfg.judge} on {len(prompts)} prompts: "
               f"win {h['win']:.1f} / tie {h['tie']:.1f} / loss {h['loss']:.1f} "
               f"(judge parse failures {h['parse_failure_rate']:.1f}%)")
@@ -300,10 +310,11 @@ def main(cfg: EvalConfig):
     results = {}
     for name in filter(None, [cfg.model, cfg.baseline]):
         model, tok = load(name)
-        r = instruction_following(model, tok, eval_tasks, cfg.temperature, gen, cfg.max_new_tokens, top_p=cfg.top_p)
+        r = instruction_following(model, tok, eval_tasks, cfg.temperature, gen, cfg.max_new_tokens, top_p=cfg.top_p,
+                                  top_k=cfg.top_k)
         g = instruction_following(model, tok, eval_tasks, 0.0, None, cfg.max_new_tokens)
         rm = judge_eval(model, tok, template, eft_eval, cfg.judge_samples, gen, cfg.judge_max_new_tokens,
-                        temperature=cfg.temperature, top_p=cfg.top_p)
+                        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
         results[name] = r
         print(f"{name}: oracle mean {r['oracle_mean']:.2f} exact {100 * r['exact_correct']:.1f}% (T={cfg.temperature}); "
               f"greedy {g['oracle_mean']:.2f} / {100 * g['exact_correct']:.1f}%")

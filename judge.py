@@ -91,13 +91,13 @@ class Judgment:
 def score(model: Transformer, tok: Tokenizer, template: str, items: list[tuple[str, str]],
           n_samples: int = 3, temperature: float = 0.7, top_p: float = 0.9,
           max_new_tokens: int = 64, batch_size: int = 64, generator=None,
-          desc: str = "judging") -> list[Judgment]:
+          desc: str = "judging", top_k: int = 0) -> list[Judgment]:
     """Score (instruction, response) pairs with the model as its own judge: the judge prompt
     is sampled n_samples times and the parsable scores are averaged (Self-Rewarding LMs, 3
     samples). max_new_tokens is the judge's own budget, separate from the prompt length."""
     prompts = [fill(template, ins, resp) for ins, resp in items]
     texts = sample_responses(model, tok, prompts, n_samples, temperature, top_p, max_new_tokens,
-                             batch_size, generator, desc)
+                             batch_size, generator, desc, top_k=top_k)
     out = []
     for t in texts:
         samples = [parse_score(x) for x in t]

@@ -62,8 +62,9 @@ from data import UserError, decode_response, encode_documents, encode_prompt, ep
 from checkpoint import check_checkpoint_dir, load_checkpoint, load_trainer_state, save_checkpoint
 from model import autocast, token_logprobs
 from sampling import generate
-from train_utils import (check_finite, check_ranges, cli, configure_optimizer, get_device, log_metrics,
-                         lr_schedule, prepare_out_dir)
+from train_utils import (OptimFlags, RunFlags, SamplingFlags, check_finite, check_ranges, cli, configure_optimizer,
+                         get_device, log_metrics, lr_schedule, optim_ranges, prepare_out_dir, sampling_ranges,
+                         total_steps)
 from reward import load_reward_model
 from sft import pretrain_loss, text_corpus, world_corpus
 
@@ -307,83 +308,78 @@ def score_rollout(batch: dict, prompt_tasks: list, reward_model, tok, cfg: PPOCo
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(RunFlags, OptimFlags, SamplingFlags):
+    # the models
     init: str = ""  # the SFT checkpoint: the policy starts here and the reference stays here
     reward_model: str = ""  # reward.py's output (out_dir/model); needed for --reward rm and --value_init rm
     reward: str = "rm"  # rm: the learned reward model (InstructGPT); oracle: the world's exact grader
     value_init: str = "rm"  # rm: the value model starts as the RM (InstructGPT); zero: SFT trunk, zero head
-    data: str = ""  # prompts JSONL (any data.py SFT format). Empty: the task world's training prompts
-    out_dir: str = "runs/ppo"
-    seed: int = 1337
-    world_seed: int = 0
+    data: str = ""  # prompts JSONL (any data.py SFT format); empty: the task world's training prompts
+    world_seed: int = 0  # the task world's data are generated from this seed
+    system: str = ""  # a system message for every prompt (default: none; a real model's template may add its own)
     # rollouts
-    batch_size: int = 64  # prompts per PPO step, one response each
-    max_new_tokens: int = 40
-    temperature: float = 0.7  # of sampling AND of every log-prob: the policy is softmax(logits / T)
     no_eos_score: float = -3.0  # the score of a response cut by max_new_tokens (RM scores are mean 0, std 1 on SFT)
     # the reward's KL term
-    kl_coef: float = 0.05  # β
+    kl_coef: float = 0.05  # β of the per-token penalty -β (log π - log π_ref)
     kl_target: float = 0.0  # > 0: adapt β so that the KL per response approaches this (Ziegler et al. 2019)
     kl_horizon: int = 10000  # responses over which the adaptive controller closes the gap
     # PPO (Schulman et al. 2017)
     ppo_epochs: int = 4  # passes over each rollout batch
-    minibatch_size: int = 16
-    clip_eps: float = 0.2
-    value_clip: float = 0.2
-    gamma: float = 1.0
-    lam: float = 0.95
-    lr: float = 5e-5
-    value_lr: float = 1e-4
-    min_lr_ratio: float = 0.0  # both learning rates decay linearly to this fraction of themselves
-    warmup_steps: int = 5
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    max_steps: int = 60  # PPO steps (rollout + update); 60 x 64 prompts: ~5 min on one CPU thread
+    minibatch_size: int = 16  # rollouts per PPO update
+    clip_eps: float = 0.2  # ε of the clipped surrogate
+    value_clip: float = 0.2  # the value model's move per update is clipped to ± this
+    gamma: float = 1.0  # discount
+    lam: float = 0.95  # GAE's λ
+    value_lr: float = 1e-4  # the value model's learning rate (its schedule follows --lr's)
     # PPO-ptx
     ptx_coef: float = 0.0  # γ: weight of the pretraining LM loss in the policy loss (InstructGPT: 27.8)
-    ptx_data: str = ""  # a .txt corpus (blank-line separated documents). Empty: the world's pretraining corpus
+    ptx_data: str = ""  # a .txt corpus (blank-line separated documents); empty: the world's pretraining corpus
     ptx_batch_size: int = 16  # pretraining windows per minibatch
-    ptx_seq_len: int = 128
+    ptx_seq_len: int = 128  # tokens per pretraining window
     corpus_docs: int = 20000  # the world's corpus, split as sft.py splits it (the first --eval_frac held out)
-    eval_frac: float = 0.05
-    system: str = ""  # a system message for every prompt (default: none; a real model's template may add its own)
+    eval_frac: float = 0.05  # share of the corpus (and of --data's prompts) held out
     # evaluation
     n_eval: int = 300  # held-out prompts graded before, during and after
     n_norm: int = 300  # --reward oracle: held-out prompts whose SFT responses normalise the oracle's points
-    eval_every: int = 20
     eval_temperature: float = 0.7  # the project's evaluation protocol (evaluate.py, self_reward.py)
-    eval_top_p: float = 0.9
+    eval_top_p: float = 0.9  # the project's evaluation protocol
     eval_batches: int = 8  # pretraining-loss windows (of --ptx_batch_size) at each evaluation
-    save_every: int = 0
-    resume: bool = False
-    overwrite: bool = False
-    device: str = "auto"
+    # run
+    out_dir: str = "runs/ppo"
+    eval_every: int = 20
+    # optimisation
+    batch_size: int = 64  # prompts per PPO step, one response each
+    max_steps: int = 60  # PPO steps (rollout + update); 60 x 64 prompts: ~5 min on one CPU thread; 0: --epochs over --data
+    lr: float = 5e-5  # the policy's learning rate
+    min_lr_ratio: float = 0.0  # both learning rates decay linearly to this fraction of themselves
+    warmup_steps: int = 5
+    # sampling
+    top_p: float = 1.0  # rollouts come from the policy itself (PPO's ratio needs that): no nucleus, no top-k
 
     def __post_init__(self):
         c = self
         check_ranges(c, {
+            **optim_ranges(c), **sampling_ranges(c),
             "reward": (c.reward in ("rm", "oracle"), "rm or oracle"),
             "value_init": (c.value_init in ("rm", "zero"), "rm or zero"),
-            "batch_size": (c.batch_size >= 2, ">= 2"), "max_new_tokens": (c.max_new_tokens >= 1, ">= 1"),
-            "temperature": (c.temperature > 0, "> 0"), "kl_coef": (c.kl_coef >= 0, ">= 0"),
+            "batch_size": (c.batch_size >= 2, ">= 2"), "grad_accum": (c.grad_accum == 1, "1: PPO steps on minibatches"),
+            "dropout": (c.dropout == 0, "0: the rollout's log-probs and the update's must be the same function"),
+            "temperature": (c.temperature > 0, "> 0"), "top_p": (c.top_p == 1, "1: rollouts sample the policy itself"),
+            "top_k": (c.top_k == 0, "0: rollouts sample the policy itself"),
+            "max_steps": (c.max_steps >= 1 or c.data, ">= 1 in the task world (0 counts --epochs over --data)"),
+            "kl_coef": (c.kl_coef >= 0, ">= 0"),
             "kl_target": (c.kl_target >= 0, ">= 0"), "kl_horizon": (c.kl_horizon >= 1, ">= 1"),
             "ppo_epochs": (c.ppo_epochs >= 1, ">= 1"),
             "minibatch_size": (1 <= c.minibatch_size <= c.batch_size, "in 1..--batch_size"),
             "clip_eps": (0 < c.clip_eps < 1, "in (0, 1)"), "value_clip": (c.value_clip > 0, "> 0"),
             "gamma": (0 < c.gamma <= 1, "in (0, 1]"), "lam": (0 <= c.lam <= 1, "in [0, 1]"),
-            "lr": (c.lr > 0, "> 0"), "value_lr": (c.value_lr > 0, "> 0"),
-            "min_lr_ratio": (0 <= c.min_lr_ratio <= 1, "in [0, 1]"),
-            "warmup_steps": (c.warmup_steps >= 0, ">= 0"), "weight_decay": (c.weight_decay >= 0, ">= 0"),
-            "beta1": (0 <= c.beta1 < 1, "in [0, 1)"), "beta2": (0 <= c.beta2 < 1, "in [0, 1)"),
-            "grad_clip": (c.grad_clip > 0, "> 0"), "max_steps": (c.max_steps >= 1, ">= 1"),
+            "value_lr": (c.value_lr > 0, "> 0"),
             "ptx_coef": (c.ptx_coef >= 0, ">= 0"), "ptx_batch_size": (c.ptx_batch_size >= 1, ">= 1"),
             "ptx_seq_len": (c.ptx_seq_len >= 2, ">= 2"), "corpus_docs": (c.corpus_docs >= 2, ">= 2"),
             "eval_frac": (0 < c.eval_frac < 1, "in (0, 1)"), "n_eval": (c.n_eval >= 0, ">= 0"),
-            "n_norm": (c.n_norm >= 2, ">= 2"), "eval_every": (c.eval_every >= 0, ">= 0"),
+            "n_norm": (c.n_norm >= 2, ">= 2"),
             "eval_temperature": (c.eval_temperature >= 0, ">= 0"), "eval_top_p": (0 < c.eval_top_p <= 1, "in (0, 1]"),
-            "eval_batches": (c.eval_batches >= 1, ">= 1"), "save_every": (c.save_every >= 0, ">= 0"),
+            "eval_batches": (c.eval_batches >= 1, ">= 1"),
         })
 
 
@@ -514,6 +510,9 @@ def main(cfg: PPOConfig) -> str:
         if s is not None and len(s) <= cfg.ptx_seq_len + 1:
             raise UserError(f"the {name} has {len(s)} tokens, fewer than one --ptx_seq_len {cfg.ptx_seq_len} window")
 
+    # PPO steps: --max_steps, or --epochs passes over --data's prompts
+    max_steps = total_steps(cfg, len(train_prompts)) if train_prompts is not None else cfg.max_steps
+
     def prompt_batch(step: int):
         """(token ids, Task or None) of the step's prompts: a pure function of the step."""
         if train_prompts is None:  # the world: fresh training prompts every step
@@ -523,8 +522,8 @@ def main(cfg: PPOConfig) -> str:
         chosen = [train_prompts[i] for i in epoch_batch(len(train_prompts), cfg.batch_size, cfg.seed, step)]
         return [ids for _, ids in chosen], [tasks.parse_task(p) for p, _ in chosen]
 
-    policy_opt = configure_optimizer(policy, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)
-    value_opt = configure_optimizer(value_model, cfg.value_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)
+    policy_opt = configure_optimizer(policy, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2), device)
+    value_opt = configure_optimizer(value_model, cfg.value_lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2), device)
     step, kl_coef, oracle_norm = 0, cfg.kl_coef, None
     if cfg.resume:
         state = load_trainer_state(cfg, policy_opt, device)
@@ -532,8 +531,8 @@ def main(cfg: PPOConfig) -> str:
         value_opt.load_state_dict(state["value_optimizer"])
         step, kl_coef, oracle_norm = state["step"], state["kl_coef"], state["oracle_norm"]
         print(f"resumed at step {step}")
-        if step >= cfg.max_steps:
-            print(f"nothing to do: the checkpoint is at max_steps={cfg.max_steps}")
+        if step >= max_steps:
+            print(f"nothing to do: the checkpoint is at step {step} of {max_steps}")
             return ckpt_dir
     if cfg.reward == "oracle" and oracle_norm is None:
         # normalise the oracle's points like the RM: SFT responses to held-out prompts score mean 0, std 1
@@ -557,10 +556,10 @@ def main(cfg: PPOConfig) -> str:
     before = do_eval() if step == 0 else None
     if before:
         tqdm.write("SFT (step 0): " + ", ".join(f"{k} {v:.3f}" for k, v in before.items() if k != "points"))
-    pbar = tqdm(range(step, cfg.max_steps), initial=step, total=cfg.max_steps, desc="ppo", dynamic_ncols=True)
+    pbar = tqdm(range(step, max_steps), initial=step, total=max_steps, desc="ppo", dynamic_ncols=True)
     t0 = time.time()
     for step in pbar:
-        frac = lr_schedule(step, 1.0, cfg.min_lr_ratio, cfg.warmup_steps, cfg.max_steps)
+        frac = lr_schedule(step, 1.0, cfg.min_lr_ratio, cfg.warmup_steps, max_steps)
         for opt, lr in ((policy_opt, cfg.lr), (value_opt, cfg.value_lr)):
             for g in opt.param_groups:
                 g["lr"] = lr * frac
@@ -579,7 +578,7 @@ def main(cfg: PPOConfig) -> str:
         row = {"step": step + 1, **stats, "lr": cfg.lr * frac, "elapsed_s": time.time() - t0}
         pbar.set_postfix({k: f"{stats[k]:.2f}" for k in ("score", "rm_score", "oracle", "kl", "clip_frac")
                           if k in stats})
-        last = step + 1 == cfg.max_steps
+        last = step + 1 == max_steps
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
             e = do_eval()
             row.update({f"eval_{k}": v for k, v in e.items() if k != "points"})

@@ -108,14 +108,14 @@ def evaluate_model(cfg: Config, out_dir: str, path: str, eval_tasks, eft_eval, t
     gen = torch.Generator(device).manual_seed(cfg.seed)
     t0 = time.time()
     sampled = evaluate.instruction_following(model, tok, eval_tasks, cfg.temperature, gen,
-                                             cfg.max_new_tokens, cfg.eval_batch_size, cfg.top_p)
+                                             cfg.max_new_tokens, cfg.eval_batch_size, cfg.top_p, cfg.top_k)
     greedy = evaluate.instruction_following(model, tok, eval_tasks, 0.0, None, cfg.max_new_tokens,
                                             cfg.eval_batch_size)
     result = {"sampled": sampled, "greedy": greedy}
     if judge_too:
         result["judge"] = evaluate.judge_eval(model, tok, template, eft_eval, cfg.judge_samples, gen,
                                               cfg.judge_max_new_tokens, cfg.eval_batch_size,
-                                              cfg.temperature, cfg.top_p)
+                                              cfg.temperature, cfg.top_p, cfg.top_k)
     result["seconds"] = time.time() - t0
     write_jsonl(os.path.join(out_dir, "eval_responses.jsonl"), [
         {"prompt": t.prompt, "response": r, "points": p, "greedy": gr, "greedy_points": gp}

@@ -79,8 +79,9 @@ from data import (Comparison, UserError, comparison_rows, encode_prompt, encode_
                   write_jsonl)
 from checkpoint import check_checkpoint_dir, load_checkpoint, load_trainer_state, save_checkpoint
 from model import Transformer, autocast
-from train_utils import (check_finite, check_ranges, cli, configure_optimizer, get_device, log_metrics,
-                         lr_schedule, prepare_out_dir)
+from train_utils import (OptimFlags, RunFlags, SamplingFlags, check_finite, check_ranges, cli, configure_optimizer,
+                         get_device, log_metrics, lr_schedule, optim_ranges, prepare_out_dir, sampling_ranges,
+                         total_steps)
 
 
 # -----------------------------------------------------------------------------
@@ -205,7 +206,8 @@ def world_comparisons(model, tok, world_tasks: list, k: int, cfg: RewardConfig, 
     from sampling import sample_responses
 
     texts, ended = sample_responses(model, tok, [t.prompt for t in world_tasks], k, cfg.temperature, cfg.top_p,
-                                    cfg.max_new_tokens, generator=gen, desc=desc, return_finished=True)
+                                    cfg.max_new_tokens, generator=gen, desc=desc, return_finished=True,
+                                    top_k=cfg.top_k)
     out = []
     for task, rs, es in zip(world_tasks, texts, ended):
         kept = list(dict.fromkeys(r for r, e in zip(rs, es) if e and r is not None))  # distinct finished texts
@@ -252,61 +254,37 @@ def comparison_batch(groups: list[dict], pad_id: int):
 
 
 @dataclass
-class RewardConfig:
+class RewardConfig(RunFlags, OptimFlags, SamplingFlags):
+    # what to train on
     init: str = ""  # the SFT checkpoint: the trunk starts here; it samples the responses to rank and normalise on
     data: str = ""  # comparisons JSONL: preference pairs, HH transcripts or ranked lists (see the docstring)
     world_prompts: int = 0  # instead of --data: this many world training prompts, K samples each, oracle-ranked
     k: int = 4  # responses per prompt in the world (InstructGPT: 4 to 9)
-    out_dir: str = "runs/rm"
     eval_frac: float = 0.05  # --data: share of the prompts held out for the pairwise accuracy
     system: str = ""  # a system message for every prompt (default: none; a real model's template may add its own)
-    n_eval_world: int = 200  # world: held-out prompts (K samples each) for the pairwise accuracy (0: skip)
+    world_seed: int = 0  # the task world's data are generated from this seed
+    n_eval: int = 200  # world: held-out prompts (K samples each) for the pairwise accuracy (0: skip)
     n_eft_eval: int = 60  # world: the self-rewarding judge's held-out set, scored by the RM (0: skip)
     eft_k: int = 4  # responses per prompt in that set (self_reward.py's --k)
     n_norm: int = 300  # held-out prompts whose SFT responses set gain and bias (mean 0, std 1)
-    seed: int = 1337
-    world_seed: int = 0
-    # optimisation (InstructGPT's 6B RM: one epoch, lr 9e-6 cosine; a small model wants more)
+    max_seq_len: int = 0  # context length; 0: the checkpoint's own
+    # run
+    out_dir: str = "runs/rm"
+    # optimisation
     batch_size: int = 8  # prompts per micro-batch, each with all its responses
-    grad_accum: int = 1
-    epochs: float = 1.0
-    max_steps: int = 0  # 0: from --epochs
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    dropout: float = 0.0
-    max_seq_len: int = 0  # 0: the checkpoint's own
-    eval_every: int = 50
-    save_every: int = 0
-    resume: bool = False
-    overwrite: bool = False
-    device: str = "auto"
-    # sampling the SFT model (world comparisons and the normalisation set): what PPO's rollouts will look like
-    temperature: float = 0.7
-    top_p: float = 1.0
-    max_new_tokens: int = 40
+    lr: float = 3e-4  # (InstructGPT's 6B RM: one epoch, lr 9e-6 cosine; a small model wants more)
+    # sampling
+    top_p: float = 1.0  # the SFT model's samples (comparisons, normalisation set) as PPO's rollouts will be: no nucleus
 
     def __post_init__(self):
         c = self
         check_ranges(c, {
+            **optim_ranges(c), **sampling_ranges(c),
             "k": (2 <= c.k <= 16, "in 2..16"), "world_prompts": (c.world_prompts >= 0, ">= 0"),
-            "n_eval_world": (c.n_eval_world >= 0, ">= 0"), "n_eft_eval": (c.n_eft_eval >= 0, ">= 0"),
-            "eft_k": (c.eft_k >= 2, ">= 2"),
-            "n_norm": (c.n_norm >= 2, ">= 2"),
-            "batch_size": (c.batch_size >= 1, ">= 1"), "grad_accum": (c.grad_accum >= 1, ">= 1"),
-            "epochs": (c.epochs > 0, "> 0"), "max_steps": (c.max_steps >= 0, ">= 0"),
-            "lr": (c.lr > 0, "> 0"), "min_lr": (0 <= c.min_lr <= c.lr, "between 0 and --lr"),
-            "warmup_steps": (c.warmup_steps >= 0, ">= 0"), "weight_decay": (c.weight_decay >= 0, ">= 0"),
-            "beta1": (0 <= c.beta1 < 1, "in [0, 1)"), "beta2": (0 <= c.beta2 < 1, "in [0, 1)"),
-            "grad_clip": (c.grad_clip > 0, "> 0"), "dropout": (0 <= c.dropout < 1, "in [0, 1)"),
-            "eval_frac": (0 <= c.eval_frac < 1, "in [0, 1)"), "eval_every": (c.eval_every >= 0, ">= 0"),
-            "save_every": (c.save_every >= 0, ">= 0"), "max_seq_len": (c.max_seq_len >= 0, ">= 0"),
-            "temperature": (c.temperature > 0, "> 0"), "top_p": (0 < c.top_p <= 1, "in (0, 1]"),
-            "max_new_tokens": (c.max_new_tokens >= 1, ">= 1"),
+            "n_eval": (c.n_eval >= 0, ">= 0"), "n_eft_eval": (c.n_eft_eval >= 0, ">= 0"),
+            "eft_k": (c.eft_k >= 2, ">= 2"), "n_norm": (c.n_norm >= 2, ">= 2"),
+            "eval_frac": (0 <= c.eval_frac < 1, "in [0, 1)"), "max_seq_len": (c.max_seq_len >= 0, ">= 0"),
+            "temperature": (c.temperature > 0, "> 0"),
         })
 
 
@@ -416,8 +394,8 @@ def main(cfg: RewardConfig) -> str:
             rng = random.Random(f"rm-world/{cfg.world_seed}/{cfg.seed}")
             train_tasks = [tasks.sample_task(rng, split="train") for _ in range(cfg.world_prompts)]
             train_comps = world_comparisons(sft, tok, train_tasks, cfg.k, cfg, gen, "ranking samples")
-            eval_comps = world_comparisons(sft, tok, tasks.eval_prompts(cfg.world_seed + 7, cfg.n_eval_world), cfg.k,
-                                           cfg, gen, "held-out samples") if cfg.n_eval_world else []
+            eval_comps = world_comparisons(sft, tok, tasks.eval_prompts(cfg.world_seed + 7, cfg.n_eval), cfg.k,
+                                           cfg, gen, "held-out samples") if cfg.n_eval else []
             norm_prompts = [t.prompt for t in tasks.eval_prompts(cfg.world_seed + 8, cfg.n_norm)]
             print(f"world comparisons: {len(train_comps)} of {cfg.world_prompts} prompts give pairs "
                   f"({sum(len(c.pairs) for c in train_comps)} pairs); held out: {len(eval_comps)} prompts")
@@ -428,7 +406,8 @@ def main(cfg: RewardConfig) -> str:
             norm_prompts = [c.prompt for c in eval_comps + train_comps][: cfg.n_norm]
         # the normalisation set: one finished SFT response per held-out prompt
         texts, ended = sample_responses(sft, tok, norm_prompts, 1, cfg.temperature, cfg.top_p, cfg.max_new_tokens,
-                                        generator=gen, desc="normalisation samples", return_finished=True)
+                                        generator=gen, desc="normalisation samples", return_finished=True,
+                                        top_k=cfg.top_k)
         norm_rows = [{"prompt": p, "response": t[0]} for p, t, e in zip(norm_prompts, texts, ended) if e[0]]
         write_jsonl(norm_file, norm_rows)
         del sft  # the sampler is done: from here on one model sits in memory
@@ -447,13 +426,12 @@ def main(cfg: RewardConfig) -> str:
     norm_seqs = [s for s in norm_seqs if len(s) <= max_len]
     if cfg.batch_size > len(train):
         raise UserError(f"--batch_size {cfg.batch_size} > {len(train)} training prompts with comparisons")
-    steps_per_epoch = max(1, len(train) // (cfg.batch_size * cfg.grad_accum))
-    max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    max_steps = total_steps(cfg, len(train))
     print(f"reward model: {rm.num_params() / 1e6:.2f}M parameters, device {device}; {len(train)} prompts, "
           f"{sum(len(c['pairs']) for c in train)} pairs; {max_steps} steps of {cfg.batch_size * cfg.grad_accum} "
-          f"prompts ({max_steps / steps_per_epoch:.2f} epochs)")
+          f"prompts ({max_steps * cfg.batch_size * cfg.grad_accum / len(train):.2f} epochs)")
 
-    optimizer = configure_optimizer(rm, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)
+    optimizer = configure_optimizer(rm, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2), device)
     step = 0
     if cfg.resume:
         step = load_trainer_state(cfg, optimizer, device)["step"]
@@ -473,7 +451,7 @@ def main(cfg: RewardConfig) -> str:
     t0 = time.time()
     for step in pbar:
         torch.manual_seed(cfg.seed + step)  # dropout masks: a function of the step, for --resume
-        lr = lr_schedule(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, max_steps)
+        lr = lr_schedule(step, cfg.lr, cfg.min_lr_ratio, cfg.warmup_steps, max_steps)
         for g in optimizer.param_groups:
             g["lr"] = lr
         loss = accuracy = 0.0

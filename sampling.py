@@ -192,7 +192,7 @@ def _sample(model, ids, attention_mask, max_new_tokens, eos_id, pad_id, temperat
 def sample_responses(model: Transformer, tok: Tokenizer, prompts: list[str], n: int = 1,
                      temperature: float = 0.7, top_p: float = 0.9, max_new_tokens: int = 48,
                      batch_size: int = 64, generator: torch.Generator | None = None,
-                     desc: str = "sampling", return_finished: bool = False):
+                     desc: str = "sampling", return_finished: bool = False, top_k: int = 0):
     """n responses per prompt, in the chat template. Each prompt's prefill runs once and is
     shared by its n samples (generate's num_samples); prompts are sorted by length before
     batching, so a batch carries little left-padding; batch_size counts sampled rows.
@@ -212,7 +212,7 @@ def sample_responses(model: Transformer, tok: Tokenizer, prompts: list[str], n: 
     for s in tqdm(range(0, len(todo), per_batch), desc=desc, leave=False, disable=len(todo) <= per_batch):
         chunk = todo[s : s + per_batch]
         g = generate(model, [encoded[i] for i in chunk], max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                     temperature=temperature, top_p=top_p, generator=generator, num_samples=n)
+                     temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, num_samples=n)
         rows, done = g.tokens.tolist(), g.finished.tolist()
         for r, i in enumerate(chunk):
             for k in range(n):

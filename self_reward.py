@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import random
 import time
@@ -81,7 +80,9 @@ class Config:
     prompt_generator: str = "base"  # base: M0, fixed (the paper's choice); model: M(t) itself; world: the world's sampler
     few_shot: int = 8  # seed instructions shown to the prompt generator
     n_candidates: int = 4  # responses per prompt (the paper: N = 4)
-    pair_judge: str = "self"  # self | oracle | random; a comma list (self,oracle,random) runs a chain each from M1
+    pair_judge: str = "self"  # self | oracle | random | noisy; a comma list (self,oracle,random) runs a chain each from M1
+    flip_rate: float = 0.2  # --pair_judge noisy: the oracle's verdict on a prompt is reversed with this probability
+    flip_ties: bool = False  # --pair_judge noisy: also turn the oracle's ties into pairs of random direction
     aift: str = "pairs"  # pairs: DPO on best-vs-worst pairs; positive: SFT on responses judged 5 (the paper's ablation)
     dpo_beta: float = 0.1
     dpo_nll_coef: float = 1.0  # DPO + α·NLL of the chosen response (Pang et al. 2024); 0 = plain DPO, which hurt here
@@ -95,6 +96,7 @@ class Config:
     judge_samples: int = 3
     temperature: float = 0.7
     top_p: float = 0.9
+    top_k: int = 0  # 0: off
     max_new_tokens: int = 40  # response budget
     judge_max_new_tokens: int = 80  # judge's budget (its own, separate from the prompt)
     eval_batch_size: int = 64
@@ -117,13 +119,15 @@ class Config:
             "n_prompts": (c.n_prompts >= 1, ">= 1"), "few_shot": (c.few_shot >= 1, ">= 1"),
             "n_candidates": (c.n_candidates >= 2, ">= 2"), "judge_samples": (c.judge_samples >= 1, ">= 1"),
             "prompt_generator": (c.prompt_generator in ("base", "model", "world"), "base, model or world"),
-            "pair_judge": (set(pair_judges(c)) <= {"self", "oracle", "random"} and len(pair_judges(c)) > 0,
-                           "self, oracle, random or a comma list of them"),
+            "pair_judge": (set(pair_judges(c)) <= {"self", "oracle", "random", "noisy"} and len(pair_judges(c)) > 0,
+                           "self, oracle, random, noisy or a comma list of them"),
+            "flip_rate": (0 <= c.flip_rate <= 1, "in [0, 1]"),
             "aift": (c.aift in ("pairs", "positive"), "pairs or positive"),
             "k": (c.k >= 2, ">= 2"), "n_eval": (c.n_eval >= 1, ">= 1"), "n_eft_eval": (c.n_eft_eval >= 1, ">= 1"),
             "temperature": (c.temperature > 0, "> 0"), "top_p": (0 < c.top_p <= 1, "in (0, 1]"),
+            "top_k": (c.top_k >= 0, ">= 0"),
         })
-        if c.init and ("oracle" in pair_judges(c) or c.prompt_generator != "base"):
+        if c.init and ({"oracle", "noisy"} & set(pair_judges(c)) or c.prompt_generator != "base"):
             raise UserError("with --init there is no oracle and no world: --pair_judge self or random, "
                             "and prompts come from --prompts")
 
@@ -242,7 +246,8 @@ def sample_candidates(cfg: Config, model_path: str, prompts: list[dict], seed: t
     gen = torch.Generator(device).manual_seed(stage_seed(cfg, *seed, "candidates"))
     texts = [r["prompt"] for r in prompts]
     out, finished = sample_responses(model, tok, texts, cfg.n_candidates, cfg.temperature, cfg.top_p,
-                                     cfg.max_new_tokens, cfg.eval_batch_size, gen, "candidates", return_finished=True)
+                                     cfg.max_new_tokens, cfg.eval_batch_size, gen, "candidates", return_finished=True,
+                                     top_k=cfg.top_k)
     return [{"prompt": p, "candidates": c, "finished": f} for p, c, f in zip(texts, out, finished)]
 
 
@@ -251,7 +256,7 @@ def judge_candidates(cfg: Config, chain: str, model_path: str, cands: list[dict]
     only measure: pair precision; None without an oracle). self: M(t) judges each candidate
     judge_samples times, the mean of the parsable scores counts (None if none parsed);
     oracle: the exact grade (the ceiling a perfect judge gives); random: a random number
-    (the control: no signal)."""
+    (the control: no signal); noisy: the oracle reversed at --flip_rate (noisy_oracle)."""
     oracle = [[source.oracle(c["prompt"], x) for x in c["candidates"]] for c in cands]
     if chain == "self":
         device = get_device(cfg.device)
@@ -259,16 +264,30 @@ def judge_candidates(cfg: Config, chain: str, model_path: str, cands: list[dict]
         gen = torch.Generator(device).manual_seed(stage_seed(cfg, *seed, "judge"))
         items = [(c["prompt"], x) for c in cands for x in c["candidates"]]
         js = judge.score(model, tok, source.template, items, cfg.judge_samples, cfg.temperature,
-                         cfg.top_p, cfg.judge_max_new_tokens, cfg.eval_batch_size, gen, "self-judging")
+                         cfg.top_p, cfg.judge_max_new_tokens, cfg.eval_batch_size, gen, "self-judging", top_k=cfg.top_k)
         n = cfg.n_candidates
         return [{"prompt": c["prompt"], "scores": [j.score for j in js[i * n:(i + 1) * n]],
                  "samples": [j.samples for j in js[i * n:(i + 1) * n]],
                  "texts": [j.texts for j in js[i * n:(i + 1) * n]], "oracle": o}
                 for i, (c, o) in enumerate(zip(cands, oracle))]
     rng = random.Random(stage_seed(cfg, *seed, "judge"))
-    return [{"prompt": c["prompt"], "oracle": o,
-             "scores": [float(p) for p in o] if chain == "oracle" else [rng.random() for _ in o]}
-            for c, o in zip(cands, oracle)]
+    if chain == "noisy":
+        scores = [noisy_oracle(o, cfg.flip_rate, cfg.flip_ties, rng) for o in oracle]
+    else:
+        scores = [[float(p) for p in o] if chain == "oracle" else [rng.random() for _ in o] for o in oracle]
+    return [{"prompt": c["prompt"], "oracle": o, "scores": s} for c, o, s in zip(cands, oracle, scores)]
+
+
+def noisy_oracle(points: list[int], flip_rate: float, flip_ties: bool, rng) -> list[float]:
+    """A judge of known quality, to measure how good a judge the loop needs: the oracle's
+    points, all negated with probability flip_rate (the best-vs-worst pair is then reversed);
+    with flip_ties, a prompt whose candidates the oracle scores alike gets random scores (a
+    pair of random direction, as a noisy judge makes them). Its precision and reversal rate
+    are known in advance: (1 - flip_rate, flip_rate) of the pairs the oracle tells apart."""
+    if len(set(points)) == 1:
+        return [rng.random() for _ in points] if flip_ties else [float(p) for p in points]
+    sign = -1.0 if rng.random() < flip_rate else 1.0
+    return [sign * p for p in points]
 
 
 def build_pairs(responses: list[str], scores: list[float | None], finished: list[bool] | None = None):
@@ -323,7 +342,7 @@ def train_next(cfg: Config, model_path: str, pairs: list[dict], cands, judgments
         return dpo.main(dpo.DPOConfig(
             init=model_path, data=os.path.join(out_dir, "pairs.jsonl"), out_dir=out_dir,
             seed=stage_seed(cfg, *seed, "dpo"), world_seed=cfg.world_seed, beta=cfg.dpo_beta,
-            nll_coef=cfg.dpo_nll_coef, lr=cfg.dpo_lr, min_lr=cfg.dpo_lr / 10, epochs=cfg.dpo_epochs,
+            nll_coef=cfg.dpo_nll_coef, lr=cfg.dpo_lr, min_lr_ratio=0.1, epochs=cfg.dpo_epochs,
             batch_size=min(cfg.dpo_batch_size, len(pairs)), warmup_steps=5, eval_every=0, eval_frac=0.0,
             device=cfg.device, compile=cfg.compile, overwrite=True, system=cfg.system))
     positives = [{"prompt": c["prompt"], "response": c["candidates"][k]} for c, j in zip(cands, judgments)
@@ -333,12 +352,23 @@ def train_next(cfg: Config, model_path: str, pairs: list[dict], cands, judgments
     write_jsonl(pos_path, positives)
     if len(positives) < 2:
         raise UserError(f"{pos_path}: only {len(positives)} responses judged 5; --aift positive has nothing to train on")
-    steps = max(1, math.ceil(cfg.dpo_epochs * len(positives) / cfg.dpo_batch_size))
     return sft.main(sft.SFTConfig(
         mode="sft", init=model_path, data=pos_path, out_dir=out_dir, eval_frac=0.0,
         seed=stage_seed(cfg, *seed, "sft"), batch_size=min(cfg.dpo_batch_size, len(positives)),
-        max_steps=steps, lr=cfg.dpo_lr, min_lr=cfg.dpo_lr / 10, warmup_steps=5, eval_every=0,
+        epochs=cfg.dpo_epochs, lr=cfg.dpo_lr, min_lr_ratio=0.1, warmup_steps=5, eval_every=0,
         dropout=cfg.dropout, device=cfg.device, overwrite=True, show_example=False, system=cfg.system))
+
+
+def sft_stage(cfg: Config, name: str, **overrides) -> str:
+    """One sft.py run into run_dir/name; prints the equivalent command line."""
+    common = dict(out_dir=os.path.join(cfg.run_dir, name), seed=cfg.seed, world_seed=cfg.world_seed,
+                  device=cfg.device, compile=cfg.compile, dropout=cfg.dropout, max_seq_len=cfg.max_seq_len,
+                  overwrite=True)  # overrides win
+    scfg = sft.SFTConfig(**{**common, **overrides})
+    flags = [(f"--{k}" if v else f"--no-{k}") if isinstance(v, bool) else f"--{k} {v}"
+             for k, v in dataclasses.asdict(scfg).items() if v != getattr(sft.SFTConfig(), k)]
+    print(f"[{name}] python sft.py " + " ".join(flags))  # the same stage, run by hand
+    return sft.main(scfg)
 
 
 def load_policy(cfg: Config, path: str, device):

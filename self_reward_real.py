@@ -10,7 +10,6 @@ answers the held-out prompts and the --eval_judge checkpoint (frozen) judges hea
 
 from __future__ import annotations
 
-import math
 import os
 import random
 
@@ -49,10 +48,10 @@ class Files:
             rows = [{"prompt": e.prompt, "response": e.response} for f in files for e in load_sft_data(f)]
             data = os.path.join(c.run_dir, f"{name}_data.jsonl")
             write_jsonl(data, rows)
-            steps = max(1, math.ceil(c.sft_epochs * len(rows) / c.sft_batch_size))
+            steps = max(1, int(c.sft_epochs * len(rows) / c.sft_batch_size))  # about; sft.py counts exactly
             path = run.model(name, lambda: sft_stage(
-                c, name, mode="sft", init=c.init, data=data, max_steps=steps, max_seq_len=0,
-                batch_size=min(c.sft_batch_size, len(rows)), lr=c.sft_lr, min_lr=c.sft_lr / 5,
+                c, name, mode="sft", init=c.init, data=data, epochs=c.sft_epochs, max_seq_len=0,
+                batch_size=min(c.sft_batch_size, len(rows)), lr=c.sft_lr, min_lr_ratio=0.2,
                 warmup_steps=max(1, steps // 10), eval_every=max(1, steps // 3), system=c.system))
         if not eft:
             self.baseline = path
@@ -113,7 +112,7 @@ def answer_prompts(cfg: Config, name: str, path: str, prompts: list[str]) -> lis
         tok.system = cfg.system or None
         gen = torch.Generator(device).manual_seed(cfg.seed)
         texts = sample_responses(model.eval(), tok, prompts, 1, cfg.temperature, cfg.top_p,
-                                          cfg.max_new_tokens, cfg.eval_batch_size, gen, f"answers {name}")
+                                          cfg.max_new_tokens, cfg.eval_batch_size, gen, f"answers {name}", top_k=cfg.top_k)
         write_jsonl(out, [{"prompt": p, "response": r[0]} for p, r in zip(prompts, texts)])
     return [r["response"] for r in read_rows(out)]
 
@@ -137,7 +136,7 @@ def judged_comparisons(cfg: Config, comparisons: list, answers: dict, prompts: l
         gen = torch.Generator(device).manual_seed(cfg.seed)
         done[key] = evaluate.judged_head_to_head(judge_model, judge_tok, template, prompts, answers[a], answers[b],
                                                  cfg.judge_samples, gen, cfg.judge_max_new_tokens,
-                                                 cfg.eval_batch_size, cfg.temperature, cfg.top_p)
+                                                 cfg.eval_batch_size, cfg.temperature, cfg.top_p, cfg.top_k)
         write_json(out_path, done)
     return done
 

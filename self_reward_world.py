@@ -9,8 +9,6 @@ precision). self_reward_real.Files is its twin for a real chat model and your ow
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 import random
 from collections import Counter
@@ -18,12 +16,11 @@ from collections import Counter
 import torch
 
 import judge
-import sft
 import tasks
 from checkpoint import load_checkpoint
 from data import UserError, write_json
 from sampling import generate
-from self_reward import Config, Run, iter_name, load_policy, stage_seed
+from self_reward import Config, Run, iter_name, load_policy, sft_stage, stage_seed
 from train_utils import get_device
 
 
@@ -42,7 +39,7 @@ class World:
         self.m0 = run.model("M0", lambda: sft_stage(
             c, "M0", mode="pretrain", corpus_docs=c.corpus_docs, max_steps=c.pretrain_steps,
             batch_size=c.pretrain_batch_size, seq_len=c.pretrain_seq_len, lr=c.pretrain_lr,
-            min_lr=c.pretrain_lr / 10, warmup_steps=min(100, c.pretrain_steps // 10),
+            min_lr_ratio=0.1, warmup_steps=min(100, c.pretrain_steps // 10),
             eval_every=max(1, c.pretrain_steps // 4), vocab_size=c.vocab_size, dim=c.dim, n_layers=c.n_layers,
             n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, dropout=0.0))
         return self.m0
@@ -52,12 +49,12 @@ class World:
         responses are the baseline's own, graded by the oracle. Both see each IFT example equally often."""
         c = self.cfg
         n_eft = c.n_eft if eft else 0
-        steps = max(1, math.ceil(c.sft_epochs * (c.n_ift + n_eft) / c.sft_batch_size))
+        steps = c.sft_epochs * (c.n_ift + n_eft) / c.sft_batch_size  # about; sft.py counts exactly
         extra = dict(eft_policy=self.baseline) if eft else dict(show_example=False)
         path = run.model(name, lambda: sft_stage(
-            c, name, mode="sft", init=self.m0, ift=c.n_ift, eft=n_eft, max_steps=steps,
-            batch_size=c.sft_batch_size, lr=c.sft_lr, min_lr=c.sft_lr / 5, warmup_steps=max(1, steps // 10),
-            eval_every=max(1, steps // 3), **extra))
+            c, name, mode="sft", init=self.m0, n_ift=c.n_ift, n_eft=n_eft, epochs=c.sft_epochs,
+            batch_size=c.sft_batch_size, lr=c.sft_lr, min_lr_ratio=0.2, warmup_steps=max(1, int(steps) // 10),
+            eval_every=max(1, int(steps) // 3), **extra))
         if not eft:
             self.baseline = path
         return path
@@ -84,18 +81,6 @@ class World:
     @staticmethod
     def oracle(prompt: str, response: str):
         return tasks.grade(tasks.parse_task(prompt), response).points
-
-
-def sft_stage(cfg: Config, name: str, **overrides) -> str:
-    """One sft.py run into run_dir/name; prints the equivalent command line."""
-    common = dict(out_dir=os.path.join(cfg.run_dir, name), seed=cfg.seed, world_seed=cfg.world_seed,
-                  device=cfg.device, compile=cfg.compile, dropout=cfg.dropout, max_seq_len=cfg.max_seq_len,
-                  overwrite=True)  # overrides win
-    scfg = sft.SFTConfig(**{**common, **overrides})
-    flags = [(f"--{k}" if v else f"--no-{k}") if isinstance(v, bool) else f"--{k} {v}"
-             for k, v in dataclasses.asdict(scfg).items() if v != getattr(sft.SFTConfig(), k)]
-    print(f"[{name}] python sft.py " + " ".join(flags))  # the same stage, run by hand
-    return sft.main(scfg)
 
 
 def fewshot_text(examples: list[str], head: str) -> str:

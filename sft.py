@@ -33,8 +33,8 @@ from data import (Tokenizer, UserError, encode_chat, encode_documents, epoch_bat
                   show_supervision, stream_batch, train_tokenizer)
 from checkpoint import load_checkpoint, load_trainer_state, save_checkpoint
 from model import ModelConfig, Transformer, autocast
-from train_utils import (check_finite, check_ranges, cli, configure_optimizer, get_device, log_metrics,
-                         lr_schedule, prepare_out_dir)
+from train_utils import (OptimFlags, RunFlags, check_finite, check_ranges, cli, configure_optimizer, get_device,
+                         log_metrics, lr_schedule, optim_ranges, prepare_out_dir, total_steps)
 
 
 # -----------------------------------------------------------------------------
@@ -108,11 +108,11 @@ def world_examples(cfg: SFTConfig) -> tuple[list[tuple[str, str]], list[tuple[st
     Eval pairs come from other seeds, so the eval loss is on unseen examples."""
     template = judge.load_judge_template()
     fill = lambda triples: [(judge.fill(template, q, r), target) for q, r, target in triples]
-    train = tasks.ift_seed(cfg.world_seed + 1, cfg.ift)
-    evals = tasks.ift_seed(cfg.world_seed + 101, max(16, cfg.ift // 10))
-    if cfg.eft:
-        train += fill(tasks.eft_seed(cfg.world_seed + 2, cfg.eft, policy_responses(cfg)))
-        evals += fill(tasks.eft_seed(cfg.world_seed + 102, max(16, cfg.eft // 10)))
+    train = tasks.ift_seed(cfg.world_seed + 1, cfg.n_ift)
+    evals = tasks.ift_seed(cfg.world_seed + 101, max(16, cfg.n_ift // 10))
+    if cfg.n_eft:
+        train += fill(tasks.eft_seed(cfg.world_seed + 2, cfg.n_eft, policy_responses(cfg)))
+        evals += fill(tasks.eft_seed(cfg.world_seed + 102, max(16, cfg.n_eft // 10)))
     return train, evals
 
 
@@ -125,7 +125,7 @@ def policy_responses(cfg: SFTConfig):
 
     model, tok = load_checkpoint(cfg.eft_policy, get_device(cfg.device))
     rng = random.Random(f"eft-policy/{cfg.world_seed}")
-    todo = [tasks.sample_task(rng, split="train") for _ in range(cfg.eft)]
+    todo = [tasks.sample_task(rng, split="train") for _ in range(cfg.n_eft)]
     gen = torch.Generator(get_device(cfg.device)).manual_seed(cfg.seed)
     samples, _ = sample_responses(model.eval(), tok, [t.prompt for t in todo], 2, 0.7, 0.9, 40, generator=gen,
                                   desc="EFT responses", return_finished=True)  # raw text, as the loop judges it
@@ -163,62 +163,47 @@ def sft_batch(examples, batch_size: int, seed: int, i: int, pad_id: int):
 
 
 @dataclass
-class SFTConfig:
-    mode: str = "sft"  # "pretrain" (loss on all tokens) or "sft" (loss on the response only)
-    out_dir: str = "runs/sft"
-    init: str = ""  # checkpoint directory to start from; pretrain without it starts from scratch
-    data: str = ""  # sft: a JSONL file in any data.py format; pretrain: a .txt file (blank-line separated documents). Empty: the task world
+class SFTConfig(RunFlags, OptimFlags):
+    # what to train
+    mode: str = "sft"  # pretrain: loss on every token; sft: loss on the response only
+    init: str = ""  # checkpoint directory to start from; pretraining without it starts from scratch
+    data: str = ""  # sft: a JSONL file in any data.py format; pretrain: a .txt file (blank-line separated documents); empty: the task world
     eval_frac: float = 0.05  # share of --data held out for the evaluation loss
     system: str = ""  # a system message for every prompt (default: none; a real model's template may add its own)
-    # the task world (used when --data is empty)
-    seed: int = 1337
+    show_example: bool = True  # print one training example with its supervised part marked
+    # the task world (when --data is empty)
     world_seed: int = 0  # the world's data are generated from this seed
     corpus_docs: int = 20000  # pretrain: documents in the noisy corpus
-    ift: int = 400  # sft: instruction-following demonstrations
-    eft: int = 400  # sft: judge demonstrations (0 for the SFT baseline)
+    n_ift: int = 400  # sft: instruction-following demonstrations
+    n_eft: int = 400  # sft: judge demonstrations (0 for the SFT baseline)
     eft_policy: str = ""  # sft: a checkpoint whose own responses (graded by the oracle) make half of the EFT examples
     # model shape when pretraining from scratch
-    vocab_size: int = 1024
-    dim: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 4
+    vocab_size: int = 1024  # BPE vocabulary, trained on the corpus
+    dim: int = 128  # residual stream width
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 4  # query heads
+    n_kv_heads: int = 4  # key/value heads (< n_heads: grouped-query attention)
     max_seq_len: int = 0  # context length; 0: the checkpoint's own (--init), or 256 from scratch
-    dropout: float = 0.1  # the paper's SFT dropout
+    seq_len: int = 128  # pretrain: tokens per training window
+    # run
+    out_dir: str = "runs/sft"
+    eval_every: int = 100
+    eval_batches: int = 8  # held-out batches per evaluation
     # optimisation
     batch_size: int = 32
-    grad_accum: int = 1
-    seq_len: int = 128  # pretrain: tokens per training window
-    max_steps: int = 600
-    lr: float = 1e-3
-    min_lr: float = 1e-4  # linear decay from lr to min_lr after warm-up (paper: 5.5e-6 -> 1.1e-6)
+    lr: float = 1e-3  # (the paper: 5.5e-6, decaying to 1.1e-6)
     warmup_steps: int = 50
     weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    eval_every: int = 100
-    eval_batches: int = 8
-    save_every: int = 0  # 0: save only at the end
-    resume: bool = False  # continue the run saved in out_dir (same settings; --max_steps may grow)
-    overwrite: bool = False  # start afresh in an out_dir that holds an earlier run
-    device: str = "auto"
-    compile: bool = False
-    show_example: bool = True  # print one training example with its supervised part marked
+    dropout: float = 0.1  # the paper's SFT dropout
 
     def __post_init__(self):
         c = self
         check_ranges(c, {
-            "mode": (c.mode in ("pretrain", "sft"), "pretrain or sft"),
-            "batch_size": (c.batch_size >= 1, ">= 1"), "grad_accum": (c.grad_accum >= 1, ">= 1"),
-            "max_steps": (c.max_steps >= 1, ">= 1"), "seq_len": (c.seq_len >= 2, ">= 2"),
-            "lr": (c.lr > 0, "> 0"), "min_lr": (0 <= c.min_lr <= c.lr, "between 0 and --lr"),
-            "warmup_steps": (c.warmup_steps >= 0, ">= 0"), "weight_decay": (c.weight_decay >= 0, ">= 0"),
-            "beta1": (0 <= c.beta1 < 1, "in [0, 1)"), "beta2": (0 <= c.beta2 < 1, "in [0, 1)"),
-            "grad_clip": (c.grad_clip > 0, "> 0"), "dropout": (0 <= c.dropout < 1, "in [0, 1)"),
-            "eval_frac": (0 <= c.eval_frac < 1, "in [0, 1)"), "eval_every": (c.eval_every >= 0, ">= 0"),
-            "eval_batches": (c.eval_batches >= 1, ">= 1"), "save_every": (c.save_every >= 0, ">= 0"),
-            "corpus_docs": (c.corpus_docs >= 2, ">= 2"), "ift": (c.ift >= 1, ">= 1"), "eft": (c.eft >= 0, ">= 0"),
+            **optim_ranges(c),
+            "mode": (c.mode in ("pretrain", "sft"), "pretrain or sft"), "seq_len": (c.seq_len >= 2, ">= 2"),
+            "eval_frac": (0 <= c.eval_frac < 1, "in [0, 1)"), "eval_batches": (c.eval_batches >= 1, ">= 1"),
+            "corpus_docs": (c.corpus_docs >= 2, ">= 2"), "n_ift": (c.n_ift >= 1, ">= 1"),
+            "n_eft": (c.n_eft >= 0, ">= 0"),
             "vocab_size": (c.vocab_size >= 260, ">= 260: 256 bytes and 4 special tokens"),
             "dim": (c.dim >= 1 and c.dim % c.n_heads == 0, "a multiple of --n_heads"),
             "n_heads": (c.n_heads >= 1 and c.n_heads % max(1, c.n_kv_heads) == 0, "a multiple of --n_kv_heads"),
@@ -275,7 +260,9 @@ def main(cfg: SFTConfig) -> str:
             raise UserError(f"the corpus has {len(train_stream)} tokens, fewer than one --seq_len {cfg.seq_len} window")
         if len(eval_stream) <= cfg.seq_len + 1:
             eval_stream = train_stream  # tiny user corpora: evaluate on training text
-        print(f"corpus: {len(train_docs)} documents, {len(train_stream)} tokens (eval {len(eval_stream)})")
+        max_steps = total_steps(cfg, len(train_stream) // cfg.seq_len)  # an epoch: every token once, in windows
+        print(f"corpus: {len(train_docs)} documents, {len(train_stream)} tokens (eval {len(eval_stream)}); "
+              f"{max_steps} steps of {cfg.batch_size * cfg.grad_accum} windows of {cfg.seq_len} tokens")
     else:
         max_len = model.config.max_seq_len
         train_ex = encode_examples(tok, train_pairs, max_len, "train")
@@ -285,20 +272,20 @@ def main(cfg: SFTConfig) -> str:
             eval_ex = train_ex[: cfg.batch_size]
         if cfg.batch_size > len(train_ex):
             raise UserError(f"--batch_size {cfg.batch_size} > {len(train_ex)} training examples")
-        steps_per_epoch = max(1, len(train_ex) // cfg.batch_size)
+        max_steps = total_steps(cfg, len(train_ex))
         n_sup = sum(sum(m) for _, m in train_ex)
-        print(f"sft: {len(train_ex)} examples, {n_sup} supervised tokens; {steps_per_epoch} batches per epoch, "
-              f"{cfg.max_steps * cfg.grad_accum / steps_per_epoch:.1f} epochs")
+        print(f"sft: {len(train_ex)} examples, {n_sup} supervised tokens; {max_steps} steps of "
+              f"{cfg.batch_size * cfg.grad_accum} ({max_steps * cfg.batch_size * cfg.grad_accum / len(train_ex):.1f} epochs)")
         if cfg.show_example:
             print("one example, the unsupervised part in ⟦ ⟧:\n" + show_supervision(tok, *train_ex[0]))
 
-    optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)
+    optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2), device)
     step = 0
     if cfg.resume:
         step = load_trainer_state(cfg, optimizer, device)["step"]
         print(f"resumed at step {step}")
-        if step >= cfg.max_steps:
-            print(f"nothing to do: the checkpoint is at max_steps={cfg.max_steps}")
+        if step >= max_steps:
+            print(f"nothing to do: the checkpoint is at step {step} of {max_steps}")
             return ckpt_dir
     train_model = torch.compile(model) if cfg.compile else model
 
@@ -338,11 +325,11 @@ def main(cfg: SFTConfig) -> str:
         return sum(losses) / len(losses)
 
     model.train()
-    pbar = tqdm(range(step, cfg.max_steps), initial=step, total=cfg.max_steps, desc=cfg.mode, dynamic_ncols=True)
+    pbar = tqdm(range(step, max_steps), initial=step, total=max_steps, desc=cfg.mode, dynamic_ncols=True)
     t0, tokens = time.time(), 0
     for step in pbar:
         torch.manual_seed(cfg.seed + step)  # dropout masks: a function of the step, for --resume
-        lr = lr_schedule(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+        lr = lr_schedule(step, cfg.lr, cfg.min_lr_ratio, cfg.warmup_steps, max_steps)
         for g in optimizer.param_groups:
             g["lr"] = lr
         batches = micro_batches(step)
@@ -354,7 +341,7 @@ def main(cfg: SFTConfig) -> str:
         optimizer.zero_grad(set_to_none=True)
         pbar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}")
         row = {"step": step + 1, "loss": total, "lr": lr, "grad_norm": grad_norm}
-        last = step + 1 == cfg.max_steps
+        last = step + 1 == max_steps
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
             row["eval_loss"] = evaluate()
             check_finite(step + 1, cfg.out_dir, eval_loss=row["eval_loss"])

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import fields
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -24,24 +24,135 @@ from data import UserError, read_json
 
 
 # -----------------------------------------------------------------------------
-# Flags
+# Flags: one vocabulary for every script
+#
+# A script's config is a dataclass; each field is a flag (--name), its trailing comment the
+# flag's help, and a comment line above a run of fields the heading they are listed under in
+# --help. The flags every trainer shares are defined once, here; a trainer's config extends
+# these classes and may redeclare a field to give it another default.
 
+
+@dataclass
+class RunFlags:
+    # run
+    out_dir: str = "runs/out"  # the run's directory: out_dir/model (the checkpoint), metrics.jsonl, reports
+    seed: int = 1337  # every random draw of the run derives from it
+    device: str = "auto"  # auto: cuda > mps > cpu; or cpu, cuda, cuda:1, mps
+    compile: bool = False  # torch.compile the trained model
+    resume: bool = False  # continue the run saved in out_dir (same settings; --max_steps may grow)
+    overwrite: bool = False  # start afresh in an out_dir that holds an earlier run
+    eval_every: int = 50  # steps between held-out evaluations (0: none)
+    save_every: int = 0  # steps between checkpoints (0: only at the end)
+
+
+@dataclass
+class OptimFlags:
+    # optimisation
+    batch_size: int = 16  # examples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimiser step
+    epochs: float = 1.0  # passes over the training data (unless --max_steps)
+    max_steps: int = 0  # optimiser steps; 0: from --epochs
+    lr: float = 1e-4  # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.1  # after warm-up the rate decays linearly to lr * min_lr_ratio at the last step
+    warmup_steps: int = 10  # linear warm-up from 0 to lr
+    weight_decay: float = 0.0  # AdamW decay, on matrices only (not on norms and biases)
+    adam_beta1: float = 0.9  # AdamW's first-moment decay
+    adam_beta2: float = 0.95  # AdamW's second-moment decay
+    grad_clip: float = 1.0  # the global gradient norm is clipped to this
+    dropout: float = 0.0  # on attention and residual branches while training
+
+
+@dataclass
+class SamplingFlags:
+    # sampling
+    temperature: float = 0.7  # softmax temperature (0: greedy)
+    top_p: float = 0.9  # nucleus sampling: keep the most likely tokens up to this probability mass
+    top_k: int = 0  # keep only the k most likely tokens (0: all)
+    max_new_tokens: int = 40  # the response's token budget (the prompt's length is separate)
+
+
+def optim_ranges(c) -> dict:
+    """check_ranges rules of OptimFlags."""
+    return {"batch_size": (c.batch_size >= 1, ">= 1"), "grad_accum": (c.grad_accum >= 1, ">= 1"),
+            "epochs": (c.epochs > 0, "> 0"), "max_steps": (c.max_steps >= 0, ">= 0"),
+            "lr": (c.lr > 0, "> 0"), "min_lr_ratio": (0 <= c.min_lr_ratio <= 1, "in [0, 1]"),
+            "warmup_steps": (c.warmup_steps >= 0, ">= 0"), "weight_decay": (c.weight_decay >= 0, ">= 0"),
+            "adam_beta1": (0 <= c.adam_beta1 < 1, "in [0, 1)"), "adam_beta2": (0 <= c.adam_beta2 < 1, "in [0, 1)"),
+            "grad_clip": (c.grad_clip > 0, "> 0"), "dropout": (0 <= c.dropout < 1, "in [0, 1)"),
+            "eval_every": (c.eval_every >= 0, ">= 0"), "save_every": (c.save_every >= 0, ">= 0")}
+
+
+def sampling_ranges(c) -> dict:
+    """check_ranges rules of SamplingFlags."""
+    return {"temperature": (c.temperature >= 0, ">= 0"), "top_p": (0 < c.top_p <= 1, "in (0, 1]"),
+            "top_k": (c.top_k >= 0, ">= 0"), "max_new_tokens": (c.max_new_tokens >= 1, ">= 1")}
+
+
+# Flags that were renamed: the old spelling is refused with the new one named.
+RENAMED = {"min_lr": "--min_lr_ratio (the final learning rate as a fraction of --lr)",
+           "beta1": "--adam_beta1", "beta2": "--adam_beta2", "n_eval_world": "--n_eval",
+           "world_pairs": "--world_prompts (prompts, two samples each; the pairs are those the oracle tells apart)",
+           "ift": "--n_ift", "eft": "--n_eft"}
+
+
+def field_docs(cls) -> dict:
+    """{field: (heading, help)} read from the config classes' source (see the comment above)."""
+    import inspect
+    import re
+
+    docs = {}
+    for klass in reversed(cls.__mro__):
+        if klass is object or "__dataclass_fields__" not in vars(klass):
+            continue
+        try:
+            lines = inspect.getsource(klass).splitlines()[1:]
+        except (OSError, TypeError):
+            continue
+        heading = "options"
+        for line in lines:
+            text = line.strip()
+            if line.startswith("    def ") or line.startswith("    @"):
+                break
+            if text.startswith("#"):
+                heading = text.lstrip("# ").strip()
+                continue
+            m = re.match(r"(\w+)\s*:\s*[^=]+=.*?(?:\s+#\s*(.*))?$", text)
+            if m and m.group(1) in cls.__dataclass_fields__:
+                old_heading, old_help = docs.get(m.group(1), (heading, ""))
+                docs[m.group(1)] = (old_heading, m.group(2) or old_help)
+    return docs
 
 
 def parse_config(cls, description: str = "", defaults=None, argv=None):
     """Command-line flags that mirror a config dataclass: one --flag per field, typed by its
-    default (bools as --flag / --no-flag). Every script uses this, so a flag is always spelled
-    as the field it sets."""
+    default (bools as --flag / --no-flag), with its help and heading from field_docs. Every
+    script uses this, so a flag is always spelled as the field it sets. A renamed flag's old
+    spelling is refused, naming the new one."""
     import argparse
+    import sys
 
+    argv = sys.argv[1:] if argv is None else argv
+    names = {f.name for f in fields(cls)}
+    for arg in argv:
+        old = arg[2:].split("=")[0].removeprefix("no-") if arg.startswith("--") else None
+        if old in RENAMED and old not in names:
+            raise UserError(f"--{old} was renamed: use {RENAMED[old]}")
     defaults = defaults or cls()
+    docs = field_docs(cls)
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    groups = {}
+    own = [h for f, (h, _) in docs.items() if f in getattr(cls, "__annotations__", {})]
+    for heading in dict.fromkeys(own + [h for h, _ in docs.values()]):  # the script's own headings first
+        groups[heading] = p.add_argument_group(heading)
     for f in fields(cls):
         v = getattr(defaults, f.name)
+        heading, text = docs.get(f.name, ("options", ""))
+        group = groups.setdefault(heading, p.add_argument_group(heading))
+        shown = f"{text} (default: {v!r})" if text else f"(default: {v!r})"
         if isinstance(v, bool):
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=v)
+            group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=v, help=shown)
         else:
-            p.add_argument(f"--{f.name}", type=type(v), default=v)
+            group.add_argument(f"--{f.name}", type=type(v), default=v, help=shown, metavar=type(v).__name__.upper())
     return cls(**vars(p.parse_args(argv)))
 
 
@@ -60,8 +171,12 @@ def cli(main, cls, description: str = "", defaults=None):
 
 def check_ranges(cfg, rules: dict):
     """rules: {flag: (ok, what it must be)}. Raises one UserError listing every flag that is
-    out of range, so a user fixes them all at once."""
-    bad = [f"--{name} {getattr(cfg, name)!r} (must be {what})" for name, (ok, what) in rules.items() if not ok]
+    out of range, so a user fixes them all at once. Every float flag must also be finite
+    (nan and inf pass most comparisons, or fail them with a misleading message later)."""
+    bad = [f"--{f.name} {getattr(cfg, f.name)!r} (must be a finite number)" for f in fields(cfg)
+           if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name))]
+    bad += [f"--{name} {getattr(cfg, name)!r} (must be {what})" for name, (ok, what) in rules.items()
+            if not ok and f"--{name} " not in " ".join(bad)]
     if bad:
         raise UserError("invalid flag(s): " + "; ".join(bad))
 
@@ -120,8 +235,16 @@ def configure_optimizer(model, lr: float, weight_decay: float, betas, device):
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda")
 
 
-def lr_schedule(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
-    """Linear warm-up over warmup_steps, then linear decay from lr to min_lr at max_steps."""
+def total_steps(cfg, n_examples: int) -> int:
+    """The run's optimiser steps: --max_steps, or --epochs passes over n_examples in steps of
+    batch_size x grad_accum examples (an epoch's last partial batch is skipped)."""
+    per_epoch = max(1, n_examples // (cfg.batch_size * cfg.grad_accum))
+    return cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
+
+
+def lr_schedule(step: int, lr: float, min_lr_ratio: float, warmup_steps: int, max_steps: int) -> float:
+    """Linear warm-up over warmup_steps, then linear decay from lr to lr * min_lr_ratio at max_steps."""
+    min_lr = lr * min_lr_ratio
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     frac = (step - warmup_steps) / max(1, max_steps - warmup_steps)

@@ -262,19 +262,32 @@ def test_end_to_end_metrics_and_exact_resume(m0, tmp_path, monkeypatch):
     assert [r["step"] for r in read_metrics(tmp_path / "b")] == [1, 2, 3, 4]
 
 
-def test_world_pairs_are_oracle_ranked_and_saved(m0, tmp_path):
-    """--world_pairs samples two responses per training prompt from --init and keeps the pairs
-    the oracle ranks, chosen = higher points; they are saved for --resume."""
-    cfg = dpo_cfg(tmp_path / "w", init=m0, world_pairs=12, max_new_tokens=8, n_eval_world=0, max_steps=1)
+def test_world_pairs_are_oracle_ranked_and_saved(m0, tmp_path, monkeypatch):
+    """--world_prompts samples two responses per training prompt from --init and keeps the pairs
+    the oracle ranks, chosen = higher points; a prompt whose samples tie, or with a sample cut
+    off by the budget (no EOS), gives none. The pairs are saved for --resume."""
+    import sampling
+
+    def fake(model, tok, prompts, n, *a, **k):  # per prompt: gold vs wrong, a tie, or an unfinished one
+        out, ended = [], []
+        for i, p in enumerate(prompts):
+            task = tasks.parse_task(p)
+            out.append([task.gold, "I do not know."] if i % 3 == 0 else [task.gold, task.gold] if i % 3 == 1
+                       else ["I do not know.", task.gold[:-3]])
+            ended.append([True, True] if i % 3 < 2 else [True, False])
+        return out, ended
+
+    monkeypatch.setattr(sampling, "sample_responses", fake)
+    cfg = dpo_cfg(tmp_path / "w", init=m0, world_prompts=30, n_eval=0, max_steps=1, batch_size=2)
     dpo.main(cfg)
     with open(os.path.join(cfg.out_dir, "world_pairs.jsonl")) as f:
         rows = [json.loads(x) for x in f]
-    assert len(rows) == 12
+    assert len(rows) == 10  # every third prompt: the ties and the unfinished give no pair
     for r in rows:
         task = tasks.parse_task(r["prompt"])
         assert task is not None and not tasks.is_heldout(task)
         pc, pr = (tasks.grade(task, x).points for x in (r["chosen"], r["rejected"]))
-        assert [pc, pr] == r["points"] and pc > pr
+        assert [pc, pr] == r["points"] and pc > pr and r["chosen"] == task.gold
 
 
 def test_data_and_world_pairs_are_exclusive(m0, tmp_path):

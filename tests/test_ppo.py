@@ -170,7 +170,7 @@ def sft_model(tmp_path_factory):
     try:
         m0 = sft.main(sft.SFTConfig(mode="pretrain", out_dir=str(out / "m0"), max_steps=3, **base))
         ckpt = sft.main(sft.SFTConfig(mode="sft", init=m0, out_dir=str(out / "sft"), max_steps=100, lr=3e-3,
-                                      ift=200, eft=0, **base))
+                                      n_ift=200, n_eft=0, **base))
         torch.manual_seed(0)
         rm, t = load_reward_model(ckpt, head="new")
         rm.save_pretrained(str(out / "rm"), t)

@@ -256,14 +256,14 @@ def sft_model(tmp_path_factory):
     try:
         m0 = sft.main(sft.SFTConfig(mode="pretrain", out_dir=str(out / "m0"), max_steps=3, **base))
         return sft.main(sft.SFTConfig(mode="sft", init=m0, out_dir=str(out / "sft"), max_steps=100, lr=3e-3,
-                                      ift=200, eft=0, **base))
+                                      n_ift=200, n_eft=0, **base))
     finally:
         torch.set_num_threads(threads)
 
 
 def rm_cfg(out_dir, **kw):
     base = dict(out_dir=str(out_dir), batch_size=2, eval_every=2, warmup_steps=1, lr=1e-3, device="cpu",
-                max_new_tokens=24, n_norm=16, n_eval_world=8, n_eft_eval=4, k=3)
+                max_new_tokens=24, n_norm=16, n_eval=8, n_eft_eval=4, k=3)
     base.update(kw)
     return reward.RewardConfig(**base)
 

@@ -10,7 +10,9 @@ import torch
 import report
 import self_reward
 import tasks
-from self_reward import build_pairs, prompt_verdict
+import self_reward_world
+from self_reward import build_pairs
+from self_reward_world import prompt_verdict
 
 # -----------------------------------------------------------------------------
 # build_pairs
@@ -57,7 +59,7 @@ def test_prompt_verdict_on_hand_made_generations():
 
 
 def test_fewshot_text_is_a_numbered_list_ending_at_the_next_number():
-    text = self_reward.fewshot_text(["Add 1 and 2.", "Reverse this list: 3 4 5"], "Tasks:")
+    text = self_reward_world.fewshot_text(["Add 1 and 2.", "Reverse this list: 3 4 5"], "Tasks:")
     assert text == "Tasks:\n1. Add 1 and 2.\n2. Reverse this list: 3 4 5\n3."
 
 

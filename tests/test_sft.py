@@ -171,11 +171,12 @@ def test_sft_steps_reduce_loss_on_a_fixed_batch(tok):
 
 
 def test_lr_schedule_linear_warmup_then_linear_decay_to_min_lr():
-    """lr_schedule: linear warm-up lr/W .. lr over steps 0..W-1, then linear decay reaching min_lr at max_steps (clamped)."""
+    """lr_schedule: linear warm-up lr/W .. lr over steps 0..W-1, then linear decay reaching
+    lr * min_lr_ratio at max_steps (clamped)."""
     lr, lo, W, N = 1e-3, 1e-4, 10, 50
 
     def at(s, warmup=W):
-        return lr_schedule(s, lr, lo, warmup, N)
+        return lr_schedule(s, lr, lo / lr, warmup, N)
 
     for s in range(W):
         assert at(s) == pytest.approx(lr * (s + 1) / W)
@@ -219,7 +220,7 @@ def _run_interrupted(cfg, at_step, monkeypatch):
 def test_resume_reproduces_the_uninterrupted_run(mode, how, m0, sft_data, tmp_path, monkeypatch):
     """A run stopped at N/2 and resumed gives bit-identical weights and continues metrics.jsonl at step N/2+1 (dropout on)."""
     N, half = 6, 3
-    kw = dict(mode=mode, max_steps=N, save_every=half, dropout=0.1, eval_every=2, lr=3e-3, min_lr=3e-4,
+    kw = dict(mode=mode, max_steps=N, save_every=half, dropout=0.1, eval_every=2, lr=3e-3, min_lr_ratio=0.1,
               warmup_steps=2 if how == "crash" else N)  # "extend": lr schedule independent of max_steps
     if mode == "sft":
         kw.update(init=m0[1], data=sft_data)
@@ -462,8 +463,8 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(m0, sft_
     assert not os.path.exists(os.path.join(cfg.out_dir, "metrics.jsonl"))
 
 
-@pytest.mark.parametrize("flag, value", [("max_steps", 0), ("grad_accum", 0), ("batch_size", 0), ("lr", -1.0),
-                                         ("min_lr", 1.0), ("dropout", 1.0), ("mode", "rl"), ("dim", 31)])
+@pytest.mark.parametrize("flag, value", [("max_steps", -1), ("epochs", 0.0), ("grad_accum", 0), ("batch_size", 0), ("lr", -1.0),
+                                         ("min_lr_ratio", 1.5), ("dropout", 1.0), ("mode", "rl"), ("dim", 31)])
 def test_out_of_range_flags_are_refused_naming_the_flag(flag, value, tmp_path):
     with pytest.raises(UserError, match=f"--{flag} "):
         tiny_cfg(tmp_path / "s", **{flag: value})
