@@ -9,8 +9,8 @@ so `transformers.AutoModelForCausalLM.from_pretrained(dir)` loads what we save, 
 Llama-family checkpoints that others saved (Llama, Qwen2, Mistral; tied or not, sharded or not).
 
   - `save_pretrained`, `from_pretrained`, `load_checkpoint`   the model directory
-  - `save_checkpoint`, `load_trainer_state`   a trainer's out_dir/model: the weights plus the
-                                              resolved config and the optimizer state for --resume
+  - `save_dir`, `recover_dir`      a directory that appears all at once, for a trainer's
+                                   out_dir/model (train_utils.OutDir saves through it)
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import fields
 
 import torch
 
-from data import UserError, load_tokenizer, read_json, write_jsonl
+from data import UserError, load_tokenizer, read_json
 from model import ModelConfig, Transformer, rope_tables
 
 
@@ -146,6 +146,7 @@ def save_pretrained(model: Transformer, path: str, tokenizer=None, extra_files: 
 
     created = not os.path.isdir(path)
     os.makedirs(path, exist_ok=True)
+    remove_stale_temps(path, writers)
     umask = os.umask(0)
     os.umask(umask)
     temps = []
@@ -166,6 +167,27 @@ def save_pretrained(model: Transformer, path: str, tokenizer=None, extra_files: 
         if created and not os.listdir(path):
             os.rmdir(path)  # a failed first save leaves nothing behind
         raise
+
+
+def remove_stale_temps(path: str, names):
+    """Delete the hidden temp files (.NAME.tmp-PID) that a killed save of these files left in
+    path; a process that is still alive keeps its own."""
+    import re
+
+    for f in os.listdir(path):
+        m = re.fullmatch(r"\.(.+)\.tmp-(\d+)", f)
+        if m and m.group(1) in names and not _alive(int(m.group(2))):
+            os.remove(os.path.join(path, f))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _read_safetensors(file: str) -> dict:
@@ -266,37 +288,55 @@ def load_checkpoint(path: str, device="cpu", **overrides):
 
 
 # -----------------------------------------------------------------------------
-# A trainer's checkpoint: out_dir/model plus what --resume needs
+# A directory replaced as a whole (a trainer's out_dir/model)
 
 
-def save_checkpoint(model, tok, cfg, optimizer, step: int, extra_state: dict | None = None):
-    """out_dir/model/: weights (their header records the step), tokenizer, the resolved
-    config and the trainer state for --resume, each file written atomically."""
-    import dataclasses
-    import io
+def save_dir(final: str, write):
+    """Write a directory so that it appears all at once: write(tmp) fills a new directory
+    beside `final`, which is then switched in by renames, in this order:
+        .NAME.tmp-PID   being written (a kill here: removed by the next run)
+        .NAME.ready-PID complete; files of the old directory that the new one lacks (your
+                        notes) are moved into it
+        .NAME.old-PID   the old directory, moved aside; then ready becomes NAME, old is removed
+    recover_dir finishes or undoes a switch a kill interrupted: at every moment either the old
+    checkpoint or the new one is complete, never a mix of their files."""
+    import shutil
 
-    buf = io.BytesIO()
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), **(extra_state or {})}, buf)
-    model.save_pretrained(os.path.join(cfg.out_dir, "model"), tok, extra_files={
-        "train_config.json": json.dumps(dataclasses.asdict(cfg), indent=2),
-        "trainer_state.pt": buf.getvalue(),
-    }, metadata={"step": str(step)})
+    parent, name = os.path.split(os.path.abspath(final))
+    tmp, ready, old = (os.path.join(parent, f".{name}.{kind}-{os.getpid()}") for kind in ("tmp", "ready", "old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        os.rename(tmp, ready)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.isdir(final):
+        for f in os.listdir(final):
+            if not os.path.exists(os.path.join(ready, f)):
+                os.rename(os.path.join(final, f), os.path.join(ready, f))
+        os.rename(final, old)
+    os.rename(ready, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
-def load_trainer_state(cfg, optimizer, device) -> dict:
-    """The trainer state saved beside the weights (optimizer restored in place). Refuses a
-    checkpoint whose weights and state come from two different saves (a kill mid-save), and
-    drops the metrics rows logged after the checkpoint (they are redone)."""
-    ckpt = os.path.join(cfg.out_dir, "model")
-    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), map_location=device, weights_only=True)
-    weights_step = checkpoint_metadata(ckpt).get("step")
-    if weights_step is not None and int(weights_step) != state["step"]:
-        raise UserError(f"{ckpt}: the weights are from step {weights_step} but the trainer state from "
-                        f"step {state['step']} (a save was interrupted); start again with --overwrite")
-    optimizer.load_state_dict(state["optimizer"])
-    metrics = os.path.join(cfg.out_dir, "metrics.jsonl")
-    if os.path.exists(metrics):
-        with open(metrics) as f:
-            rows = [json.loads(r) for r in f if r.strip()]
-        write_jsonl(metrics, [r for r in rows if r["step"] <= state["step"]])
-    return state
+def recover_dir(final: str):
+    """Finish or undo a save_dir that a kill interrupted (see there); removes its leftovers."""
+    import glob
+    import shutil
+
+    parent, name = os.path.split(os.path.abspath(final))
+    for tmp in glob.glob(os.path.join(parent, f".{name}.tmp-*")):
+        shutil.rmtree(tmp, ignore_errors=True)  # never finished: the old directory still stands
+    ready = sorted(glob.glob(os.path.join(parent, f".{name}.ready-*")), key=os.path.getmtime)
+    if ready:  # a complete new checkpoint that was not switched in yet
+        if os.path.isdir(final):
+            os.rename(final, os.path.join(parent, f".{name}.old-recovered"))
+        os.rename(ready[-1], final)
+        for r in ready[:-1]:
+            shutil.rmtree(r, ignore_errors=True)
+    for old in glob.glob(os.path.join(parent, f".{name}.old-*")):
+        if os.path.isdir(final):
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(old, final)

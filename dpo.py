@@ -36,11 +36,11 @@ from tqdm import tqdm
 
 import tasks
 from data import (Preference, UserError, encode_prompt, encode_response, epoch_batch, load_preference_data,
-                  pad_batch, read_jsonl, write_jsonl)
-from checkpoint import load_checkpoint, load_trainer_state, save_checkpoint
+                  pad_batch, read_jsonl)
+from checkpoint import load_checkpoint
 from model import autocast, sequence_logprobs
-from train_utils import (OptimFlags, RunFlags, SamplingFlags, check_finite, check_ranges, cli, configure_optimizer,
-                         get_device, log_metrics, lr_schedule, optim_ranges, prepare_out_dir, sampling_ranges,
+from train_utils import (OptimFlags, OutDir, RunFlags, SamplingFlags, check_finite, check_ranges, cli,
+                         configure_optimizer, get_device, lr_schedule, optim_ranges, sampling_ranges,
                          total_steps)
 
 
@@ -242,7 +242,8 @@ def main(cfg: DPOConfig) -> str:
     if bool(cfg.data) == bool(cfg.world_prompts):
         raise UserError("give exactly one of --data (a preference JSONL) and --world_prompts N")
     prefs = load_preference_data(cfg.data) if cfg.data else None
-    ckpt_dir = prepare_out_dir(cfg)
+    out = OutDir(cfg, {"--data": cfg.data, "--init": cfg.init})  # nothing in out_dir is touched before out.start()
+    ckpt_dir = out.ckpt
     # the reference is the starting model, frozen (eval mode: no dropout, no gradients)
     overrides = {"max_seq_len": cfg.max_seq_len} if cfg.max_seq_len else {}
     reference, tok = load_checkpoint(cfg.init, device, **overrides)
@@ -255,7 +256,7 @@ def main(cfg: DPOConfig) -> str:
             rows = [obj for _, obj in read_jsonl(world_file)]
         else:
             rows = world_preferences(reference, tok, cfg)
-            write_jsonl(world_file, rows)
+            out.write_rows("world_pairs.jsonl", rows)
         prefs = [Preference(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
 
     # train / eval split, then token ids; over-long pairs are dropped and counted
@@ -314,13 +315,15 @@ def main(cfg: DPOConfig) -> str:
         policy.train()
         return {f"eval_{k}": v / n for k, v in totals.items()}
 
+    out.start()  # data and models checked: from here on the run writes into out_dir
     optimizer = configure_optimizer(policy, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2), device)
     step = 0
     if cfg.resume:
-        step = load_trainer_state(cfg, optimizer, device)["step"]
+        step = out.load_state(optimizer, device)["step"]
         print(f"resumed at step {step}")
         if step >= max_steps:
             print(f"nothing to do: the checkpoint is at step {step} of {max_steps}")
+            out.close()
             return ckpt_dir
     train_model = torch.compile(policy) if cfg.compile else policy
 
@@ -355,9 +358,9 @@ def main(cfg: DPOConfig) -> str:
             tqdm.write(f"step {step + 1}: loss {row['loss']:.4f} eval_loss {row['eval_loss']:.4f} "
                        f"eval reward accuracy {row['eval_reward_accuracy']:.3f} eval margin {row['eval_margin']:.3f} "
                        f"chosen logp {row['eval_chosen_logp']:.2f} rejected logp {row['eval_rejected_logp']:.2f}")
-        log_metrics(cfg.out_dir, row)
+        out.log(row)
         if last or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-            save_checkpoint(policy, tok, cfg, optimizer, step + 1)
+            out.save(policy, tok, optimizer, step + 1)
     if eval_before:
         print(f"held-out pairs, before -> after: reward accuracy {eval_before['eval_reward_accuracy']:.3f} -> "
               f"{row['eval_reward_accuracy']:.3f}, chosen logp {eval_before['eval_chosen_logp']:.2f} -> "
@@ -365,6 +368,7 @@ def main(cfg: DPOConfig) -> str:
               f"{row['eval_rejected_logp']:.2f}")
     if cfg.world_prompts and cfg.n_eval:
         world_report(cfg, policy, tok, device)
+    out.close()
     print(f"saved {ckpt_dir}")
     return ckpt_dir
 

@@ -59,11 +59,11 @@ from tqdm import tqdm
 
 import tasks
 from data import UserError, decode_response, encode_documents, encode_prompt, epoch_batch, load_sft_data, stream_batch
-from checkpoint import check_checkpoint_dir, load_checkpoint, load_trainer_state, save_checkpoint
+from checkpoint import check_checkpoint_dir, load_checkpoint
 from model import autocast, token_logprobs
 from sampling import generate
-from train_utils import (OptimFlags, RunFlags, SamplingFlags, check_finite, check_ranges, cli, configure_optimizer,
-                         get_device, log_metrics, lr_schedule, optim_ranges, prepare_out_dir, sampling_ranges,
+from train_utils import (OptimFlags, OutDir, RunFlags, SamplingFlags, check_finite, check_ranges, cli,
+                         configure_optimizer, get_device, lr_schedule, optim_ranges, sampling_ranges,
                          total_steps)
 from reward import load_reward_model
 from sft import pretrain_loss, text_corpus, world_corpus
@@ -473,7 +473,8 @@ def main(cfg: PPOConfig) -> str:
         corpus_train, corpus_eval = world_corpus(cfg)  # split exactly as sft.py split it for M0
     for path in filter(None, [cfg.init, cfg.reward_model]):
         check_checkpoint_dir(path)  # a wrong path fails before out_dir is touched
-    ckpt_dir = prepare_out_dir(cfg)
+    out = OutDir(cfg, {"--data": cfg.data, "--init": cfg.init, "--reward_model": cfg.reward_model, "--ptx_data": cfg.ptx_data})  # nothing in out_dir is touched before out.start()
+    ckpt_dir = out.ckpt
 
     # the four models; dropout 0 in all of them (overriding what the checkpoints say), and eval
     # mode throughout: the rollout's log-probs and the update's must be the same function
@@ -522,17 +523,19 @@ def main(cfg: PPOConfig) -> str:
         chosen = [train_prompts[i] for i in epoch_batch(len(train_prompts), cfg.batch_size, cfg.seed, step)]
         return [ids for _, ids in chosen], [tasks.parse_task(p) for p, _ in chosen]
 
+    out.start()  # data and models checked: from here on the run writes into out_dir
     policy_opt = configure_optimizer(policy, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2), device)
     value_opt = configure_optimizer(value_model, cfg.value_lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2), device)
     step, kl_coef, oracle_norm = 0, cfg.kl_coef, None
     if cfg.resume:
-        state = load_trainer_state(cfg, policy_opt, device)
+        state = out.load_state(policy_opt, device)
         value_model.load_state_dict(state["value_model"])
         value_opt.load_state_dict(state["value_optimizer"])
         step, kl_coef, oracle_norm = state["step"], state["kl_coef"], state["oracle_norm"]
         print(f"resumed at step {step}")
         if step >= max_steps:
             print(f"nothing to do: the checkpoint is at step {step} of {max_steps}")
+            out.close()
             return ckpt_dir
     if cfg.reward == "oracle" and oracle_norm is None:
         # normalise the oracle's points like the RM: SFT responses to held-out prompts score mean 0, std 1
@@ -583,14 +586,15 @@ def main(cfg: PPOConfig) -> str:
             e = do_eval()
             row.update({f"eval_{k}": v for k, v in e.items() if k != "points"})
             tqdm.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in e.items() if k != "points"))
-        log_metrics(cfg.out_dir, row)
+        out.log(row)
         if last or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-            save_checkpoint(policy, tok, cfg, policy_opt, step + 1, extra_state={
+            out.save(policy, tok, policy_opt, step + 1, extra_state={
                 "value_model": value_model.state_dict(), "value_optimizer": value_opt.state_dict(),
                 "kl_coef": kl_coef, "oracle_norm": oracle_norm})
     if eval_tasks:
         final_report(cfg, policy, reference, reward_model, tok, eval_prompts, eval_tasks, stream_eval, device,
                      before, time.time() - t0)
+    out.close()
     print(f"saved {ckpt_dir}")
     return ckpt_dir
 

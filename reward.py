@@ -75,12 +75,11 @@ from tqdm import tqdm
 
 import tasks
 from data import (Comparison, UserError, comparison_rows, encode_prompt, encode_response, epoch_batch,
-                  from_scores, load_comparisons, pad_batch, ranked_comparison, read_json, read_jsonl, write_json,
-                  write_jsonl)
-from checkpoint import check_checkpoint_dir, load_checkpoint, load_trainer_state, save_checkpoint
+                  from_scores, load_comparisons, pad_batch, ranked_comparison, read_json, read_jsonl, write_json)
+from checkpoint import check_checkpoint_dir, load_checkpoint
 from model import Transformer, autocast
-from train_utils import (OptimFlags, RunFlags, SamplingFlags, check_finite, check_ranges, cli, configure_optimizer,
-                         get_device, log_metrics, lr_schedule, optim_ranges, prepare_out_dir, sampling_ranges,
+from train_utils import (OptimFlags, OutDir, RunFlags, SamplingFlags, check_finite, check_ranges, cli,
+                         configure_optimizer, get_device, lr_schedule, optim_ranges, sampling_ranges,
                          total_steps)
 
 
@@ -366,7 +365,8 @@ def main(cfg: RewardConfig) -> str:
         raise UserError("give exactly one of --data (a comparisons JSONL) and --world_prompts N")
     comps = load_comparisons(cfg.data) if cfg.data else None
     check_checkpoint_dir(cfg.init)  # a wrong path fails before out_dir is touched
-    ckpt_dir = prepare_out_dir(cfg)
+    out = OutDir(cfg, {"--data": cfg.data, "--init": cfg.init})  # nothing in out_dir is touched before out.start()
+    ckpt_dir = out.ckpt
     overrides = {"max_seq_len": cfg.max_seq_len} if cfg.max_seq_len else {}
 
     # --data: a fixed train / held-out split of the file's prompts
@@ -399,8 +399,8 @@ def main(cfg: RewardConfig) -> str:
             norm_prompts = [t.prompt for t in tasks.eval_prompts(cfg.world_seed + 8, cfg.n_norm)]
             print(f"world comparisons: {len(train_comps)} of {cfg.world_prompts} prompts give pairs "
                   f"({sum(len(c.pairs) for c in train_comps)} pairs); held out: {len(eval_comps)} prompts")
-            write_jsonl(world_file, comparison_rows(train_comps))
-            write_jsonl(eval_file, comparison_rows(eval_comps))
+            out.write_rows("comparisons.jsonl", comparison_rows(train_comps))
+            out.write_rows("eval_comparisons.jsonl", comparison_rows(eval_comps))
         else:
             # held-out prompts first; training prompts top the set up (it needs SFT samples, no labels)
             norm_prompts = [c.prompt for c in eval_comps + train_comps][: cfg.n_norm]
@@ -409,7 +409,7 @@ def main(cfg: RewardConfig) -> str:
                                         generator=gen, desc="normalisation samples", return_finished=True,
                                         top_k=cfg.top_k)
         norm_rows = [{"prompt": p, "response": t[0]} for p, t, e in zip(norm_prompts, texts, ended) if e[0]]
-        write_jsonl(norm_file, norm_rows)
+        out.write_rows("norm_responses.jsonl", norm_rows)
         del sft  # the sampler is done: from here on one model sits in memory
     if len(norm_rows) < 2:
         raise UserError("fewer than 2 SFT responses ended with EOS; cannot normalise (raise --max_new_tokens)")
@@ -431,13 +431,15 @@ def main(cfg: RewardConfig) -> str:
           f"{sum(len(c['pairs']) for c in train)} pairs; {max_steps} steps of {cfg.batch_size * cfg.grad_accum} "
           f"prompts ({max_steps * cfg.batch_size * cfg.grad_accum / len(train):.2f} epochs)")
 
+    out.start()  # data and models checked: from here on the run writes into out_dir
     optimizer = configure_optimizer(rm, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2), device)
     step = 0
     if cfg.resume:
-        step = load_trainer_state(cfg, optimizer, device)["step"]
+        step = out.load_state(optimizer, device)["step"]
         print(f"resumed at step {step}")
         if step >= max_steps:
             print(f"nothing to do: the checkpoint is at step {step} of {max_steps}")
+            out.close()
             return ckpt_dir
 
     def evaluate_held_out():
@@ -476,7 +478,7 @@ def main(cfg: RewardConfig) -> str:
             row["prompts_per_s"] = (step + 1 - pbar.initial) * cfg.batch_size * cfg.grad_accum / (time.time() - t0)
             tqdm.write(f"step {step + 1}: loss {loss:.4f} eval_loss {row['eval_loss']:.4f} "
                        f"held-out pairwise accuracy {row['eval_accuracy']:.3f}")
-        log_metrics(cfg.out_dir, row)
+        out.log(row)
         if last:
             rm.eval()
             norm = fit_normalisation(rm, norm_seqs, tok.pad_id, device)
@@ -484,7 +486,8 @@ def main(cfg: RewardConfig) -> str:
                   f"std {norm['raw_std']:.3f} -> gain {rm.gain.item():.4f}, bias {rm.bias.item():.4f}")
             report(cfg, rm, tok, evals, norm_seqs, device)
         if last or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-            save_checkpoint(rm, tok, cfg, optimizer, step + 1)
+            out.save(rm, tok, optimizer, step + 1)
+    out.close()
     print(f"saved {ckpt_dir}")
     return ckpt_dir
 

@@ -42,7 +42,7 @@ import sft
 from checkpoint import load_checkpoint
 from data import UserError, read_json, read_jsonl, write_json, write_jsonl
 from sampling import sample_responses
-from train_utils import cli, get_device
+from train_utils import claim_dir, cli, get_device
 
 
 @dataclass
@@ -396,8 +396,11 @@ def model_name(chain: str, t: int) -> str:
 
 def check_run_dir(cfg: Config):
     """Finished stages are reused, so a run_dir holds one configuration only; the run_dir
-    itself may be spelled differently (a trailing slash, a relative path)."""
-    os.makedirs(cfg.run_dir, exist_ok=True)
+    itself may be spelled differently (a trailing slash, a relative path). One run at a time:
+    the run holds run_dir/.lock (train_utils.claim_dir)."""
+    if os.path.exists(cfg.run_dir) and not os.path.isdir(cfg.run_dir):
+        raise UserError(f"--run_dir {cfg.run_dir} is a file")
+    claim_dir(cfg.run_dir, "--run_dir")
     cfg_path = os.path.join(cfg.run_dir, "config.json")
     if os.path.exists(cfg_path):
         old = read_json(cfg_path)

@@ -31,10 +31,10 @@ import judge
 import tasks
 from data import (Tokenizer, UserError, encode_chat, encode_documents, epoch_batch, load_sft_data, pad_batch,
                   show_supervision, stream_batch, train_tokenizer)
-from checkpoint import load_checkpoint, load_trainer_state, save_checkpoint
+from checkpoint import load_checkpoint
 from model import ModelConfig, Transformer, autocast
-from train_utils import (OptimFlags, RunFlags, check_finite, check_ranges, cli, configure_optimizer, get_device,
-                         log_metrics, lr_schedule, optim_ranges, prepare_out_dir, total_steps)
+from train_utils import (OptimFlags, OutDir, RunFlags, check_finite, check_ranges, cli, configure_optimizer,
+                         get_device, lr_schedule, optim_ranges, total_steps)
 
 
 # -----------------------------------------------------------------------------
@@ -228,7 +228,8 @@ def main(cfg: SFTConfig) -> str:
         train_pairs, eval_pairs = file_examples(cfg.data, cfg.eval_frac, cfg.seed) if cfg.data else world_examples(cfg)
     if cfg.mode == "sft" and not cfg.init and not cfg.resume:
         raise UserError("sft needs --init (a pretrained checkpoint directory)")
-    ckpt_dir = prepare_out_dir(cfg)
+    out = OutDir(cfg, {"--data": cfg.data, "--init": cfg.init, "--eft_policy": cfg.eft_policy})  # nothing in out_dir is touched before out.start()
+    ckpt_dir = out.ckpt
 
     # tokenizer and model
     start_from = ckpt_dir if cfg.resume else cfg.init
@@ -279,13 +280,15 @@ def main(cfg: SFTConfig) -> str:
         if cfg.show_example:
             print("one example, the unsupervised part in ⟦ ⟧:\n" + show_supervision(tok, *train_ex[0]))
 
+    out.start()  # data and models checked: from here on the run writes into out_dir
     optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2), device)
     step = 0
     if cfg.resume:
-        step = load_trainer_state(cfg, optimizer, device)["step"]
+        step = out.load_state(optimizer, device)["step"]
         print(f"resumed at step {step}")
         if step >= max_steps:
             print(f"nothing to do: the checkpoint is at step {step} of {max_steps}")
+            out.close()
             return ckpt_dir
     train_model = torch.compile(model) if cfg.compile else model
 
@@ -348,9 +351,10 @@ def main(cfg: SFTConfig) -> str:
             row["tokens_per_s"] = tokens / (time.time() - t0)
             tqdm.write(f"step {step + 1}: loss {total:.4f} eval_loss {row['eval_loss']:.4f} "
                        f"({row['tokens_per_s']:.0f} tok/s)")
-        log_metrics(cfg.out_dir, row)
+        out.log(row)
         if last or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-            save_checkpoint(model, tok, cfg, optimizer, step + 1)
+            out.save(model, tok, optimizer, step + 1)
+    out.close()
     print(f"saved {ckpt_dir}")
     return ckpt_dir
 

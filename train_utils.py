@@ -13,6 +13,7 @@ optimiser and its schedule, metrics.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -20,7 +21,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from data import UserError, read_json
+from data import UserError, read_json, write_jsonl
 
 
 # -----------------------------------------------------------------------------
@@ -255,44 +256,167 @@ def lr_schedule(step: int, lr: float, min_lr_ratio: float, warmup_steps: int, ma
 RESUMABLE_CHANGES = {"resume", "overwrite", "device", "compile", "save_every", "eval_every", "show_example"}
 
 
-def prepare_out_dir(cfg) -> str:
-    """Check out_dir before anything is trained; returns the checkpoint directory out_dir/model.
+class OutDir:
+    """A training run's directory, owned by one run at a time:
 
-    A fresh run refuses an out_dir that holds an earlier run (its metrics.jsonl would be
-    appended to, its checkpoint replaced) unless --overwrite says so. --resume needs a
-    checkpoint there and refuses settings that differ from the saved ones (other than the
-    RESUMABLE_CHANGES, and max_steps, which extends a run)."""
-    import dataclasses
+        out_dir/model/         the checkpoint (HF layout) + train_config.json + trainer_state.pt
+        out_dir/metrics.jsonl  one JSON line per step
+        out_dir/.lock          held (flock) while a run works here
 
-    ckpt = os.path.join(cfg.out_dir, "model")
-    metrics = os.path.join(cfg.out_dir, "metrics.jsonl")
-    state = os.path.join(ckpt, "trainer_state.pt")
-    if cfg.resume and cfg.overwrite:
-        raise UserError("--resume and --overwrite contradict each other; choose one")
-    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
-        raise UserError(f"--out_dir {cfg.out_dir} is a file")
-    if cfg.resume:
-        if not os.path.exists(state):
-            raise UserError(f"--resume: no checkpoint with trainer state in {ckpt}")
-        saved = read_json(os.path.join(ckpt, "train_config.json"))
-        now = dataclasses.asdict(cfg)
-        changed = {k: (saved.get(k), v) for k, v in now.items()
-                   if k not in RESUMABLE_CHANGES | {"max_steps"} and saved.get(k) != v}
-        if changed:
-            raise UserError(f"--resume: {ckpt} was trained with other settings {changed} (saved, now); "
-                            "resume with the same flags, or start a new run in another --out_dir")
-    elif os.path.exists(metrics) or os.path.exists(state):
-        if not cfg.overwrite:
-            raise UserError(f"--out_dir {cfg.out_dir} holds an earlier run; use --resume to continue it, "
+    Made before anything is trained and before anything in out_dir is touched: it refuses an
+    out_dir that is a file, cannot be written, is in use by a live run (the lock dies with its
+    process, so a killed run never blocks the next one), or holds an earlier run (unless
+    --overwrite or --resume), and a --resume whose settings or input files changed. A save
+    interrupted by a kill is finished or undone here (checkpoint.recover_dir). Nothing of an
+    earlier run is deleted until `start()`, which a trainer calls once its data and models
+    have been read and checked."""
+
+    def __init__(self, cfg, inputs: dict[str, str]):
+        """inputs: {flag: path} of every input file or checkpoint (empty paths are skipped);
+        their digests are recorded, and a --resume refuses when one has changed."""
+        self.cfg, self.path = cfg, cfg.out_dir
+        self.started, self.pending = False, {}
+        self.ckpt = os.path.join(self.path, "model")
+        self.metrics = os.path.join(self.path, "metrics.jsonl")
+        self.state_file = os.path.join(self.ckpt, "trainer_state.pt")
+        if cfg.resume and cfg.overwrite:
+            raise UserError("--resume and --overwrite contradict each other; choose one")
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise UserError(f"--out_dir {self.path} is a file")
+        self.inputs = {flag: digest(p) for flag, p in inputs.items() if p}
+        claim_dir(self.path, "--out_dir")
+        from checkpoint import recover_dir
+
+        recover_dir(self.ckpt)  # a save a kill interrupted: finished or undone
+        if cfg.resume:
+            if not os.path.exists(self.state_file):
+                raise UserError(f"--resume: no checkpoint with trainer state in {self.ckpt}")
+            saved = read_json(os.path.join(self.ckpt, "train_config.json"))
+            now = dataclasses.asdict(cfg)
+            changed = {k: (saved.get(k), v) for k, v in now.items()
+                       if k not in RESUMABLE_CHANGES | {"max_steps", "epochs"} and saved.get(k) != v}
+            if changed:
+                raise UserError(f"--resume: {self.ckpt} was trained with other settings {changed} (saved, now); "
+                                "resume with the same flags, or start a new run in another --out_dir")
+            for flag, d in saved.get("_inputs", {}).items():
+                if self.inputs.get(flag, d) != d:
+                    raise UserError(f"--resume: {flag} {getattr(cfg, flag.lstrip('-'), '')} has changed since the run "
+                                    "started (its contents differ); resume with the same inputs, or start a new run")
+        elif (os.path.exists(self.metrics) or os.path.exists(self.state_file)) and not cfg.overwrite:
+            raise UserError(f"--out_dir {self.path} holds an earlier run; use --resume to continue it, "
                             "--overwrite to start afresh there, or another --out_dir")
-        for f in (metrics, state):  # the old weights stay until the first save replaces them
-            if os.path.exists(f):
-                os.remove(f)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    return ckpt
+
+    def start(self):
+        """--overwrite: the earlier run's metrics and trainer state go now, when everything has
+        been checked (its weights stay until the first save replaces them); the rows kept with
+        `write_rows` before now are written."""
+        if not self.cfg.resume:
+            for f in (self.metrics, self.state_file):
+                if os.path.exists(f):
+                    os.remove(f)
+        self.started = True
+        for name, rows in self.pending.items():
+            write_jsonl(os.path.join(self.path, name), rows)
+
+    def write_rows(self, name: str, rows: list):
+        """out_dir/name as JSONL (data the run sampled, read back by --resume); before start()
+        it waits, so a run that fails its checks overwrites nothing."""
+        if self.started:
+            write_jsonl(os.path.join(self.path, name), rows)
+        else:
+            self.pending[name] = rows
+
+    def save(self, model, tok, optimizer, step: int, extra_state: dict | None = None):
+        """out_dir/model: weights (their header records the step), tokenizer, the resolved
+        config with the input digests, and the trainer state for --resume. The directory is
+        written whole under a temporary name and then switched in (checkpoint.save_dir), so a
+        kill leaves the previous checkpoint or this one, never a mix."""
+        import io
+
+        from checkpoint import save_dir
+
+        buf = io.BytesIO()
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), **(extra_state or {})}, buf)
+        config = {**dataclasses.asdict(self.cfg), "_inputs": self.inputs}
+        save_dir(self.ckpt, lambda d: model.save_pretrained(d, tok, extra_files={
+            "train_config.json": json.dumps(config, indent=2), "trainer_state.pt": buf.getvalue()},
+            metadata={"step": str(step)}))
+
+    def load_state(self, optimizer, device) -> dict:
+        """The trainer state saved beside the weights (optimizer restored in place). Refuses a
+        checkpoint whose weights and state come from two different saves, and drops the metrics
+        rows logged after the checkpoint (they are redone)."""
+        from checkpoint import checkpoint_metadata
+
+        state = torch.load(self.state_file, map_location=device, weights_only=True)
+        weights_step = checkpoint_metadata(self.ckpt).get("step")
+        if weights_step is not None and int(weights_step) != state["step"]:
+            raise UserError(f"{self.ckpt}: the weights are from step {weights_step} but the trainer state from "
+                            f"step {state['step']} (two saves were mixed); start again with --overwrite")
+        optimizer.load_state_dict(state["optimizer"])
+        if os.path.exists(self.metrics):
+            with open(self.metrics) as f:
+                rows = [json.loads(r) for r in f if r.strip()]
+            write_jsonl(self.metrics, [r for r in rows if r["step"] <= state["step"]])
+        return state
+
+    def log(self, row: dict):
+        """Append one row to metrics.jsonl (strict JSON: NaN never gets here)."""
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps(row, allow_nan=False) + "\n")
+
+    def close(self):
+        release_dir(self.path)
 
 
-def log_metrics(out_dir: str, row: dict):
-    """Append one row to out_dir/metrics.jsonl (strict JSON: NaN never gets here)."""
-    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(row, allow_nan=False) + "\n")
+_HELD: dict[str, int] = {}  # directory -> file descriptor of its lock, held by this process
+
+
+def claim_dir(path: str, what: str):
+    """Take path/.lock for this process (exclusive, non-blocking flock), creating path. A second
+    process gets a UserError naming the holder; the OS releases the lock when its holder exits,
+    killed or not. Re-entrant within one process."""
+    import fcntl
+
+    key = os.path.realpath(path)
+    if key in _HELD:
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd = os.open(os.path.join(path, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except PermissionError:
+        raise UserError(f"{what} {path}: cannot write there (permission denied)") from None
+    except OSError as e:
+        raise UserError(f"{what} {path}: cannot be used ({e.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise UserError(f"{what} {path} is in use by another run (process {holder}); wait for it to finish, "
+                        "or choose another directory") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _HELD[key] = fd
+
+
+def release_dir(path: str):
+    fd = _HELD.pop(os.path.realpath(path), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def digest(path: str) -> str:
+    """sha256 of a file, or of a checkpoint directory's weight and config files."""
+    import hashlib
+
+    h = hashlib.sha256()
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(path, f) for f in os.listdir(path) if f.endswith((".safetensors", ".json")) and
+        f not in ("train_config.json",)) if os.path.isdir(path) else []
+    for f in files:
+        h.update(os.path.basename(f).encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()

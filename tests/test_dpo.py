@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import dpo
+import train_utils
 import sft
 import tasks
 from data import DataError, Preference, UserError, encode_prompt, encode_response, train_tokenizer
@@ -243,16 +244,16 @@ def test_end_to_end_metrics_and_exact_resume(m0, tmp_path, monkeypatch):
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # step 1 sees policy = reference
     assert "eval_reward_accuracy" in rows[1] and "eval_margin" in rows[3]
 
-    real = dpo.save_checkpoint
+    real = train_utils.OutDir.save
 
-    def save_then_crash(model, tok_, c, opt, step, *args):
-        real(model, tok_, c, opt, step, *args)
+    def save_then_crash(self, model, tok_, opt, step, *args, **kwargs):
+        real(self, model, tok_, opt, step, *args, **kwargs)
         if step == 2:
             raise KeyboardInterrupt
 
     cfg_b = dpo_cfg(tmp_path / "b", init=m0, data=path, save_every=2)
     with monkeypatch.context() as m:
-        m.setattr(dpo, "save_checkpoint", save_then_crash)
+        m.setattr(train_utils.OutDir, "save", save_then_crash)
         with pytest.raises(KeyboardInterrupt):
             dpo.main(cfg_b)
     b = dpo.main(dataclasses.replace(cfg_b, resume=True))

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import ppo
+import train_utils
 import sft
 import tasks
 from data import UserError, encode_prompt, train_tokenizer
@@ -300,16 +301,16 @@ def test_end_to_end_metrics_and_exact_resume(sft_model, tmp_path, monkeypatch):
     report = json.load(open(tmp_path / "a" / "eval.json"))
     assert report["sft"]["kl_from_sft"] == 0 and "mean_diff_ci" in report["compare"]
 
-    real = ppo.save_checkpoint
+    real = train_utils.OutDir.save
 
-    def save_then_crash(model, tok_, c, opt, step, *args, **kwargs):
-        real(model, tok_, c, opt, step, *args, **kwargs)
+    def save_then_crash(self, model, tok_, opt, step, *args, **kwargs):
+        real(self, model, tok_, opt, step, *args, **kwargs)
         if step == 2:
             raise KeyboardInterrupt
 
     cfg_b = ppo_cfg(tmp_path / "b", **kw)
     with monkeypatch.context() as m:
-        m.setattr(ppo, "save_checkpoint", save_then_crash)
+        m.setattr(train_utils.OutDir, "save", save_then_crash)
         with pytest.raises(KeyboardInterrupt):
             ppo.main(cfg_b)
     b = ppo.main(dataclasses.replace(cfg_b, resume=True))

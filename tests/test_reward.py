@@ -14,6 +14,7 @@ import torch
 
 import data
 import reward
+import train_utils
 import sft
 import tasks
 from data import DataError, UserError, encode_prompt, encode_response, pad_batch, train_tokenizer
@@ -323,16 +324,16 @@ def test_ranked_file_run_logs_metrics_and_resumes_exactly(sft_model, tmp_path, m
     assert all(math.isfinite(r["loss"]) and 0 <= r["accuracy"] <= 1 for r in rows)
     assert "eval_accuracy" in rows[1] and "eval_accuracy" in rows[3]
 
-    real = reward.save_checkpoint
+    real = train_utils.OutDir.save
 
-    def save_then_crash(model, tok_, c, opt, step, *args):
-        real(model, tok_, c, opt, step, *args)
+    def save_then_crash(self, model, tok_, opt, step, *args, **kwargs):
+        real(self, model, tok_, opt, step, *args, **kwargs)
         if step == 2:
             raise KeyboardInterrupt
 
     cfg_b = rm_cfg(tmp_path / "b", init=sft_model, data=data, max_steps=4, save_every=2, eval_frac=0.2)
     with monkeypatch.context() as m:
-        m.setattr(reward, "save_checkpoint", save_then_crash)
+        m.setattr(train_utils.OutDir, "save", save_then_crash)
         with pytest.raises(KeyboardInterrupt):
             reward.main(cfg_b)
     b = reward.main(dataclasses.replace(cfg_b, resume=True))

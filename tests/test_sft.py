@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import sft
+import train_utils
 import tasks
 from data import DataError, UserError, encode_chat, encode_prompt, encode_response, load_tokenizer, pad_batch, train_tokenizer
 from model import ModelConfig, Transformer
@@ -202,15 +203,15 @@ class _Crash(Exception):
 
 def _run_interrupted(cfg, at_step, monkeypatch):
     """Run sft.main and 'crash' right after the checkpoint of step `at_step` is written."""
-    real_save = sft.save_checkpoint
+    real_save = train_utils.OutDir.save
 
-    def save_then_crash(model, tok_, c, optimizer, step):
-        real_save(model, tok_, c, optimizer, step)
+    def save_then_crash(self, model, tok_, optimizer, step, *args, **kwargs):
+        real_save(self, model, tok_, optimizer, step, *args, **kwargs)
         if step == at_step:
             raise _Crash
 
     with monkeypatch.context() as m:
-        m.setattr(sft, "save_checkpoint", save_then_crash)
+        m.setattr(train_utils.OutDir, "save", save_then_crash)
         with pytest.raises(_Crash):
             sft.main(cfg)
 
@@ -359,7 +360,9 @@ def test_checkpoint_layout_and_loading(m0, sft_data, tok, tmp_path):
         for name in ["model.safetensors", "config.json", "tokenizer.json", "train_config.json", "trainer_state.pt"]:
             assert os.path.isfile(os.path.join(ckpt, name)), name
         with open(os.path.join(ckpt, "train_config.json")) as f:
-            assert json.load(f) == dataclasses.asdict(cfg)
+            saved = json.load(f)  # the resolved config, and the digests of the input files
+        assert {k: v for k, v in saved.items() if k != "_inputs"} == dataclasses.asdict(cfg)
+        assert set(saved["_inputs"]) == ({"--init", "--data"} if cfg.init else set())
         state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
         assert state["step"] == cfg.max_steps
         assert len(state["optimizer"]["state"]) > 0
@@ -444,7 +447,7 @@ def test_resume_refuses_weights_and_state_from_two_saves(m0, sft_data, tmp_path)
     cfg = tiny_cfg(tmp_path / "s", mode="sft", init=m0[1], data=sft_data, max_steps=2)
     ckpt = sft.main(cfg)
     T.from_pretrained(ckpt).save_pretrained(ckpt, metadata={"step": "1"})  # weights of "another" save
-    with pytest.raises(UserError, match="interrupted"):
+    with pytest.raises(UserError, match="two saves"):
         sft.main(dataclasses.replace(cfg, resume=True, max_steps=3))
 
 
