@@ -276,9 +276,24 @@ def from_pretrained(path: str, device="cpu", dtype=torch.float32, **overrides) -
     return model.to(device)
 
 
-def load_checkpoint(path: str, device="cpu", **overrides):
+def checkpoint_kind(path: str) -> str:
+    """What a checkpoint directory holds: "reward_model" (reward.py's output: the trunk plus
+    score.safetensors and reward.json) or "language_model" (anything else: an SFT model, a
+    policy, an HF chat model)."""
+    marks = ("score.safetensors", "reward.json")
+    return "reward_model" if any(os.path.exists(os.path.join(path, m)) for m in marks) else "language_model"
+
+
+def load_checkpoint(path: str, device="cpu", kind: str = "language_model", **overrides):
     """(model, tokenizer) from one checkpoint directory, checked against each other: every
-    token id the tokenizer can produce must have a row in the model's embedding."""
+    token id the tokenizer can produce must have a row in the model's embedding. A directory of
+    another kind (checkpoint_kind) than asked for is refused; kind=None takes either."""
+    check_checkpoint_dir(path)
+    if kind is not None and checkpoint_kind(path) != kind:
+        raise UserError(f"{path} is a reward model (reward.py's output), not a language model: give an SFT or "
+                        "policy checkpoint here" if kind == "language_model" else
+                        f"{path} is not a reward model (no score.safetensors and reward.json): give reward.py's "
+                        "out_dir/model here")
     model = from_pretrained(path, device, **overrides)
     tok = load_tokenizer(path)
     if tok.vocab_size > model.config.vocab_size:
@@ -311,6 +326,13 @@ def save_dir(final: str, write):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _switch(ready, final, old)
+
+
+def _switch(ready: str, final: str, old: str):
+    """Move the files of `final` that `ready` lacks into it, then put `ready` in final's place."""
+    import shutil
+
     if os.path.isdir(final):
         for f in os.listdir(final):
             if not os.path.exists(os.path.join(ready, f)):
@@ -330,11 +352,9 @@ def recover_dir(final: str):
         shutil.rmtree(tmp, ignore_errors=True)  # never finished: the old directory still stands
     ready = sorted(glob.glob(os.path.join(parent, f".{name}.ready-*")), key=os.path.getmtime)
     if ready:  # a complete new checkpoint that was not switched in yet
-        if os.path.isdir(final):
-            os.rename(final, os.path.join(parent, f".{name}.old-recovered"))
-        os.rename(ready[-1], final)
         for r in ready[:-1]:
             shutil.rmtree(r, ignore_errors=True)
+        _switch(ready[-1], final, os.path.join(parent, f".{name}.old-recovered"))
     for old in glob.glob(os.path.join(parent, f".{name}.old-*")):
         if os.path.isdir(final):
             shutil.rmtree(old, ignore_errors=True)

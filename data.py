@@ -533,7 +533,7 @@ def write_json(path: str, obj):
     """Write one JSON object atomically (temp file, then rename)."""
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
+        json.dump(obj, f, indent=1, allow_nan=False)  # strict JSON: a metric with no data is null, never NaN
     os.replace(tmp, path)
 
 
@@ -542,7 +542,7 @@ def write_jsonl(path: str, rows):
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.write(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 

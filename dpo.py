@@ -134,6 +134,28 @@ def world_preferences(model, tok, cfg: DPOConfig) -> list[dict]:
     return rows
 
 
+def informative_pairs(prefs: list[Preference], path: str) -> list[Preference]:
+    """The pairs that say something: a pair whose chosen and rejected are the same text has a
+    loss of ln 2 whatever the model does; it is skipped and counted. None left is an error."""
+    kept = [p for p in prefs if p.chosen.strip() != p.rejected.strip()]
+    if len(kept) < len(prefs):
+        print(f"{path}: skipped {len(prefs) - len(kept)} of {len(prefs)} pairs whose chosen and rejected are the same text")
+    if not kept:
+        raise UserError(f"{path}: no pair to train on (every pair's chosen equals its rejected, or every ranked "
+                        "list is one tie)")
+    return kept
+
+
+def split_by_prompt(prefs: list[Preference], eval_frac: float, seed: int):
+    """(train, held-out) pairs, split by prompt: a ranked list's C(K,2) pairs share their
+    prompt and land on one side together (split by pair, the held-out accuracy would be
+    measured on prompts trained on). No held-out pairs below 20 prompts."""
+    prompts = list(dict.fromkeys(p.prompt for p in prefs))
+    random.Random(seed).shuffle(prompts)
+    held_out = set(prompts[: int(len(prompts) * eval_frac) if len(prompts) >= 20 else 0])
+    return [p for p in prefs if p.prompt not in held_out], [p for p in prefs if p.prompt in held_out]
+
+
 def encode_pairs(tok, prefs, max_len: int, what: str) -> list[dict]:
     """Token ids of each pair: the prompt in the chat template, each response closed by EOS.
     A pair whose prompt + longer response does not fit the context is dropped and counted,
@@ -241,7 +263,7 @@ def main(cfg: DPOConfig) -> str:
         raise UserError("--init is required: the checkpoint that the policy starts from and the reference stays at")
     if bool(cfg.data) == bool(cfg.world_prompts):
         raise UserError("give exactly one of --data (a preference JSONL) and --world_prompts N")
-    prefs = load_preference_data(cfg.data) if cfg.data else None
+    prefs = informative_pairs(load_preference_data(cfg.data), cfg.data) if cfg.data else None
     out = OutDir(cfg, {"--data": cfg.data, "--init": cfg.init})  # nothing in out_dir is touched before out.start()
     ckpt_dir = out.ckpt
     # the reference is the starting model, frozen (eval mode: no dropout, no gradients)
@@ -259,11 +281,8 @@ def main(cfg: DPOConfig) -> str:
             out.write_rows("world_pairs.jsonl", rows)
         prefs = [Preference(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
 
-    # train / eval split, then token ids; over-long pairs are dropped and counted
-    order = list(range(len(prefs)))
-    random.Random(cfg.seed).shuffle(order)
-    n_eval = int(len(prefs) * cfg.eval_frac) if len(prefs) >= 20 else 0
-    eval_prefs, train_prefs = [prefs[i] for i in order[:n_eval]], [prefs[i] for i in order[n_eval:]]
+    # train / eval split by prompt, then token ids; over-long pairs are dropped and counted
+    train_prefs, eval_prefs = split_by_prompt(prefs, cfg.eval_frac, cfg.seed)
     max_len = reference.config.max_seq_len
     train_pairs = encode_pairs(tok, train_prefs, max_len, "train")
     eval_pairs = encode_pairs(tok, eval_prefs, max_len, "eval")
@@ -329,6 +348,7 @@ def main(cfg: DPOConfig) -> str:
 
     eval_before = evaluate_pairs() if eval_pairs and step == 0 else {}
     policy.train()
+    start_step = step
     pbar = tqdm(range(step, max_steps), initial=step, total=max_steps, desc="dpo", dynamic_ncols=True)
     t0 = time.time()
     for step in pbar:
@@ -354,7 +374,7 @@ def main(cfg: DPOConfig) -> str:
         last = step + 1 == max_steps
         if eval_pairs and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
             row.update(evaluate_pairs())
-            row["pairs_per_s"] = (step + 1 - pbar.initial) * cfg.batch_size * cfg.grad_accum / (time.time() - t0)
+            row["pairs_per_s"] = (step + 1 - start_step) * cfg.batch_size * cfg.grad_accum / (time.time() - t0)
             tqdm.write(f"step {step + 1}: loss {row['loss']:.4f} eval_loss {row['eval_loss']:.4f} "
                        f"eval reward accuracy {row['eval_reward_accuracy']:.3f} eval margin {row['eval_margin']:.3f} "
                        f"chosen logp {row['eval_chosen_logp']:.2f} rejected logp {row['eval_rejected_logp']:.2f}")
@@ -362,10 +382,11 @@ def main(cfg: DPOConfig) -> str:
         if last or (cfg.save_every and (step + 1) % cfg.save_every == 0):
             out.save(policy, tok, optimizer, step + 1)
     if eval_before:
+        after = row if "eval_reward_accuracy" in row else evaluate_pairs()
         print(f"held-out pairs, before -> after: reward accuracy {eval_before['eval_reward_accuracy']:.3f} -> "
-              f"{row['eval_reward_accuracy']:.3f}, chosen logp {eval_before['eval_chosen_logp']:.2f} -> "
-              f"{row['eval_chosen_logp']:.2f}, rejected logp {eval_before['eval_rejected_logp']:.2f} -> "
-              f"{row['eval_rejected_logp']:.2f}")
+              f"{after['eval_reward_accuracy']:.3f}, chosen logp {eval_before['eval_chosen_logp']:.2f} -> "
+              f"{after['eval_chosen_logp']:.2f}, rejected logp {eval_before['eval_rejected_logp']:.2f} -> "
+              f"{after['eval_rejected_logp']:.2f}")
     if cfg.world_prompts and cfg.n_eval:
         world_report(cfg, policy, tok, device)
     out.close()

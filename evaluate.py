@@ -25,6 +25,7 @@ import torch
 import judge
 import tasks
 from checkpoint import load_checkpoint
+from data import UserError
 from sampling import sample_responses
 from train_utils import SamplingFlags, check_ranges, cli, get_device, sampling_ranges
 
@@ -36,24 +37,43 @@ from train_utils import SamplingFlags, check_ranges, cli, get_device, sampling_r
 def instruction_following(model, tok, eval_tasks: list, temperature: float = 0.7, generator=None,
                           max_new_tokens: int = 48, batch_size: int = 64, top_p: float = 0.9, top_k: int = 0) -> dict:
     """Oracle grades of one response per held-out task. temperature 0 = greedy.
-    exact-correct = the answer is right (criterion 4 met), whatever the wording."""
+    exact-correct = the answer is right (criterion 4 met), whatever the wording. A prompt that
+    does not fit the context with the token budget is not answered: its points are None and it
+    is left out of every statistic (counted as "unanswered"), never scored 0."""
     responses = [r[0] for r in sample_responses(model, tok, [t.prompt for t in eval_tasks], 1,
                                                 temperature, top_p if temperature > 0 else 1.0,
                                                 max_new_tokens, batch_size, generator, "instruction following",
                                                 top_k=top_k if temperature > 0 else 0)]
-    points = [tasks.grade(t, r).points if r is not None else 0 for t, r in zip(eval_tasks, responses)]
+    points = [tasks.grade(t, r).points if r is not None else None for t, r in zip(eval_tasks, responses)]
+    answered = [p for p in points if p is not None]
+    if not answered:
+        raise UserError(f"no held-out prompt fits the context with a budget of {max_new_tokens} new tokens")
     return {
-        "oracle_mean": sum(points) / len(points),
-        "exact_correct": sum(p >= 4 for p in points) / len(points),
-        "score_hist": [points.count(k) for k in range(6)],
-        "mean_length_chars": sum(len(r or "") for r in responses) / len(responses),
+        "oracle_mean": sum(answered) / len(answered),
+        "exact_correct": sum(p >= 4 for p in answered) / len(answered),
+        "score_hist": [answered.count(k) for k in range(6)],
+        "mean_length_chars": sum(len(r) for r in responses if r is not None) / len(answered),
+        "unanswered": len(points) - len(answered),
         "points": points,
         "responses": responses,
     }
 
 
+def fmt(value, spec: str = ".1f") -> str:
+    """A number for a report, or "n/a" for a metric with nothing to measure (None)."""
+    return "n/a" if value is None else format(value, spec)
+
+
+def paired(points_a: list, points_b: list) -> tuple[list, list]:
+    """The prompts both models answered (an unanswered prompt's points are None)."""
+    both = [(a, b) for a, b in zip(points_a, points_b) if a is not None and b is not None]
+    return [a for a, _ in both], [b for _, b in both]
+
+
 def head_to_head(points_a: list[float], points_b: list[float]) -> dict:
-    """Per prompt, the higher score wins. Returns win/tie/loss of A against B in percent."""
+    """Per prompt, the higher score wins. Returns win/tie/loss of A against B in percent, over
+    the prompts both answered."""
+    points_a, points_b = paired(points_a, points_b)
     n = len(points_a)
     win = sum(a > b for a, b in zip(points_a, points_b))
     loss = sum(a < b for a, b in zip(points_a, points_b))
@@ -86,6 +106,7 @@ def compare(points_a: list[float], points_b: list[float], seed: int = 0) -> dict
     """Model A against model B on the same prompts, with uncertainty (one seed is noise here):
     the mean score difference and the win - loss margin, each with a paired-bootstrap 95%
     interval, and the sign test's p-value for wins vs losses."""
+    points_a, points_b = paired(points_a, points_b)
     diffs = [a - b for a, b in zip(points_a, points_b)]
     signs = [(d > 0) - (d < 0) for d in diffs]
     h = head_to_head(points_a, points_b)
@@ -106,7 +127,8 @@ def judged_head_to_head(judge_model, judge_tok, template: str, prompts: list[str
     position to swap; the "both orders" rule becomes: every response is judged in two
     independent passes, and a prompt is a win only when both passes' verdicts agree. A disagreement, equal means, a
     response with no parsable judgment, or a missing response (its prompt did not fit) is a
-    tie: a judge failure is never a win."""
+    tie: a judge failure is never a win. A judge that scored no prompt's two responses gives no
+    verdict at all ("verdict": False, win/tie/loss None), never 100% ties."""
     n = len(prompts)
     a_items = [(p, r if r is not None else "") for p, r in zip(prompts, responses_a)]
     b_items = [(p, r if r is not None else "") for p, r in zip(prompts, responses_b)]
@@ -115,6 +137,7 @@ def judged_head_to_head(judge_model, judge_tok, template: str, prompts: list[str
     passes = [judge.score(judge_model, judge_tok, template, a_items + b_items, desc=f"judging, pass {k + 1}/2", **kw)
               for k in range(2)]
     outcome = [0] * n  # per prompt: +1 A wins, -1 B wins, 0 tie
+    judged = 0  # prompts where both passes scored both responses
     for i in range(n):
         if responses_a[i] is None or responses_b[i] is None:
             continue  # nothing to compare: a tie
@@ -122,13 +145,18 @@ def judged_head_to_head(judge_model, judge_tok, template: str, prompts: list[str
         for js in passes:
             a, b = js[i].score, js[n + i].score
             verdicts.append(None if a is None or b is None else (a > b) - (a < b))
+        judged += None not in verdicts
         if verdicts in ([1, 1], [-1, -1]):
             outcome[i] = verdicts[0]
+    failures = 100 * judge.parse_failure_rate(passes[0] + passes[1])
+    if not judged:  # the judge never scored both responses of a prompt: it said nothing, not "tie"
+        return {"verdict": False, "win": None, "tie": None, "loss": None, "margin": None, "margin_ci": None,
+                "sign_test_p": None, "judged_prompts": 0, "parse_failure_rate": failures}
     win, loss = outcome.count(1), outcome.count(-1)
     m, lo, hi = bootstrap_mean(outcome)
-    return {"win": 100 * win / n, "tie": 100 * (n - win - loss) / n, "loss": 100 * loss / n,
+    return {"verdict": True, "win": 100 * win / n, "tie": 100 * (n - win - loss) / n, "loss": 100 * loss / n,
             "margin": 100 * m, "margin_ci": [100 * lo, 100 * hi], "sign_test_p": sign_test(win, loss),
-            "parse_failure_rate": 100 * judge.parse_failure_rate(passes[0] + passes[1])}
+            "judged_prompts": judged, "parse_failure_rate": failures}
 
 
 # -----------------------------------------------------------------------------
@@ -218,12 +246,12 @@ def reward_modeling(judge_scores: list[list[float | None]], oracle_scores: list[
             if len(set(ox)) > 1:  # with equal oracle scores there is no ranking to match
                 rhos.append(spearman(jx, ox) or 0.0)  # None here means a constant judge
                 taus.append(kendall_tau(jx, ox) or 0.0)
-    return {
-        "pairwise_accuracy": 100 * correct / max(1, pairs),
-        "five_best": 100 * five_best / five if five else float("nan"),
-        "exact_match": 100 * exact / max(1, len(judge_scores)),
-        "spearman": sum(rhos) / len(rhos) if rhos else float("nan"),
-        "kendall_tau": sum(taus) / len(taus) if taus else float("nan"),
+    return {  # a metric with nothing to measure is None ("n/a"), never 0 and never NaN
+        "pairwise_accuracy": 100 * correct / pairs if pairs else None,
+        "five_best": 100 * five_best / five if five else None,
+        "exact_match": 100 * exact / len(judge_scores) if judge_scores else None,
+        "spearman": sum(rhos) / len(rhos) if rhos else None,
+        "kendall_tau": sum(taus) / len(taus) if taus else None,
         "n_pairs": pairs,
         "n_judged_five": five,
     }
@@ -276,7 +304,7 @@ class EvalConfig(SamplingFlags):
 
 
 def main(cfg: EvalConfig):
-    from data import UserError, load_sft_data
+    from data import load_sft_data
 
     device = get_device(cfg.device)
 
@@ -301,8 +329,9 @@ def main(cfg: EvalConfig):
         h = judged_head_to_head(judge_model, judge_tok, template, prompts, *responses, cfg.judge_samples,
                                 gen, cfg.judge_max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                 top_k=cfg.top_k)
-        print(f"{cfg.model} vs {cfg.baseline}, judged by {cfg.judge} on {len(prompts)} prompts: "
-              f"win {h['win']:.1f} / tie {h['tie']:.1f} / loss {h['loss']:.1f} "
+        verdict = (f"win {h['win']:.1f} / tie {h['tie']:.1f} / loss {h['loss']:.1f}" if h["verdict"] else
+                   "no verdict: the judge scored no prompt's two responses")
+        print(f"{cfg.model} vs {cfg.baseline}, judged by {cfg.judge} on {len(prompts)} prompts: {verdict} "
               f"(judge parse failures {h['parse_failure_rate']:.1f}%)")
         return
     eval_tasks = tasks.eval_prompts(cfg.world_seed + 3, cfg.n_eval)
@@ -318,7 +347,7 @@ def main(cfg: EvalConfig):
         results[name] = r
         print(f"{name}: oracle mean {r['oracle_mean']:.2f} exact {100 * r['exact_correct']:.1f}% (T={cfg.temperature}); "
               f"greedy {g['oracle_mean']:.2f} / {100 * g['exact_correct']:.1f}%")
-        print("  judge: " + ", ".join(f"{k} {v:.3f}" for k, v in rm.items()))
+        print("  judge: " + ", ".join(f"{k} {fmt(v, '.3f')}" for k, v in rm.items()))
     if cfg.baseline:
         h = head_to_head(results[cfg.model]["points"], results[cfg.baseline]["points"])
         print(f"{cfg.model} vs {cfg.baseline}: win {h['win']:.1f} / tie {h['tie']:.1f} / loss {h['loss']:.1f}")

@@ -18,6 +18,7 @@ from collections import Counter
 import torch
 
 import evaluate
+from evaluate import fmt
 import judge
 import tasks
 from checkpoint import load_checkpoint
@@ -73,8 +74,9 @@ def pair_metrics(cands, judgments, pairs, outcomes) -> dict:
     precision, the share of pairs whose chosen response the oracle also prefers."""
     samples = [s for j in judgments for per in j.get("samples", []) for s in per]
     hist = Counter(round(s) for s in samples if s is not None)
-    n = max(1, len(pairs))
-    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
+    n = len(pairs)
+    mean = lambda xs: sum(xs) / len(xs) if xs else None
+    share = lambda k: 100 * k / n if n else None  # of the pairs; None without any
     has_oracle = bool(pairs) and pairs[0]["chosen_oracle"] is not None
     return {
         "prompts": len(cands),
@@ -82,16 +84,16 @@ def pair_metrics(cands, judgments, pairs, outcomes) -> dict:
         "pair_yield": 100 * len(pairs) / max(1, len(cands)),
         "outcomes": dict(outcomes),
         "tie_rate": 100 * outcomes.get("tie", 0) / max(1, len(cands)),
-        "parse_failure_rate": 100 * sum(s is None for s in samples) / len(samples) if samples else 0.0,
+        "parse_failure_rate": 100 * sum(s is None for s in samples) / len(samples) if samples else None,
         "judge_score_hist": [hist.get(k, 0) for k in range(6)],
-        "five_vs_four": 100 * sum(p["chosen_score"] >= 4.5 and p["rejected_score"] >= 3.5 for p in pairs) / n,
+        "five_vs_four": share(sum(p["chosen_score"] >= 4.5 and p["rejected_score"] >= 3.5 for p in pairs)),
         "chosen_length": mean([len(p["chosen"]) for p in pairs]),
         "rejected_length": mean([len(p["rejected"]) for p in pairs]),
         **({
             "candidate_oracle_mean": mean([o for j in judgments for o in j["oracle"]]),
-            "pair_precision": 100 * sum(p["chosen_oracle"] > p["rejected_oracle"] for p in pairs) / n,
-            "pair_oracle_tie": 100 * sum(p["chosen_oracle"] == p["rejected_oracle"] for p in pairs) / n,
-            "pair_reversed": 100 * sum(p["chosen_oracle"] < p["rejected_oracle"] for p in pairs) / n,
+            "pair_precision": share(sum(p["chosen_oracle"] > p["rejected_oracle"] for p in pairs)),
+            "pair_oracle_tie": share(sum(p["chosen_oracle"] == p["rejected_oracle"] for p in pairs)),
+            "pair_reversed": share(sum(p["chosen_oracle"] < p["rejected_oracle"] for p in pairs)),
         } if has_oracle else {}),
     }
 
@@ -175,7 +177,7 @@ def report(cfg: Config, results: dict, iters: dict, times: dict) -> str:
     ]
     for n in names:
         r = results[n]
-        m, lo, hi = evaluate.bootstrap_mean(r["sampled"]["points"])
+        m, lo, hi = evaluate.bootstrap_mean([p for p in r["sampled"]["points"] if p is not None])
         lines.append(f"| {n} | {m:.2f} [{lo:.2f}, {hi:.2f}] | {100 * r['sampled']['exact_correct']:.1f} | "
                      f"{r['greedy']['oracle_mean']:.2f} | {100 * r['greedy']['exact_correct']:.1f} | "
                      f"{r['sampled']['mean_length_chars']:.1f} | {r['sampled']['score_hist']} |")
@@ -206,8 +208,9 @@ def report(cfg: Config, results: dict, iters: dict, times: dict) -> str:
         j = results[n].get("judge")
         if j:
             paper = " / ".join(str(x) for x in PAPER_RM[n]) if n in PAPER_RM else ""
-            lines.append(f"| {n} | {j['pairwise_accuracy']:.1f} | {j['five_best']:.1f} | {j['exact_match']:.1f} | "
-                         f"{j['spearman']:.3f} | {j['kendall_tau']:.3f} | {j['parse_failure_rate']:.1f} | {paper} |")
+            lines.append(f"| {n} | {fmt(j['pairwise_accuracy'])} | {fmt(j['five_best'])} | {fmt(j['exact_match'])} | "
+                         f"{fmt(j['spearman'], '.3f')} | {fmt(j['kendall_tau'], '.3f')} | {j['parse_failure_rate']:.1f} | "
+                         f"{paper} |")
     if iters:
         lines += ["", "## The iterations: what the judge produced", "",
                   "| model | prompts kept (filter) | pairs (yield %) | ties % | parse failures % | judge scores 0..5 | "
@@ -216,10 +219,10 @@ def report(cfg: Config, results: dict, iters: dict, times: dict) -> str:
         for n, m in iters.items():
             f = m["prompt_filter"]
             lines.append(f"| {n} | {m['prompts']} ({', '.join(f'{k} {v}' for k, v in f.items())}) | "
-                         f"{m['pairs']} ({m['pair_yield']:.0f}) | {m['tie_rate']:.1f} | {m['parse_failure_rate']:.1f} | "
-                         f"{m['judge_score_hist']} | {m['five_vs_four']:.1f} | {m['chosen_length']:.1f} / "
-                         f"{m['rejected_length']:.1f} | {m['pair_precision']:.1f} ({m['pair_oracle_tie']:.1f} / "
-                         f"{m['pair_reversed']:.1f}) |")
+                         f"{m['pairs']} ({m['pair_yield']:.0f}) | {m['tie_rate']:.1f} | {fmt(m['parse_failure_rate'])} | "
+                         f"{m['judge_score_hist']} | {fmt(m['five_vs_four'])} | {fmt(m['chosen_length'])} / "
+                         f"{fmt(m['rejected_length'])} | {fmt(m['pair_precision'])} ({fmt(m['pair_oracle_tie'])} / "
+                         f"{fmt(m['pair_reversed'])}) |")
     lines += ["", "## Time (seconds)", "", "| stage | train / steps | eval |", "|---|---|---|"]
     for n in names:
         lines.append(f"| {n} | {times.get(n, '')} | {results[n]['seconds']:.0f} |")
@@ -235,7 +238,7 @@ def seeds_report(cfg: Config, summaries: list[dict], seeds: list[int]) -> str:
              "the per-seed values. Per-seed reports, with bootstrap intervals, are in seed_<s>/report.md.", "",
              "| quantity | mean ± sd | per seed |", "|---|---|---|"]
     for key in summaries[0]:
-        vals = [s[key] for s in summaries if key in s and s[key] == s[key]]  # skip NaN
+        vals = [s[key] for s in summaries if s.get(key) is not None]  # a metric with nothing to measure is None
         if not vals:
             continue
         sd = statistics.stdev(vals) if len(vals) > 1 else 0.0

@@ -171,25 +171,35 @@ def load_reward_model(path: str, device="cpu", head: str = "saved", **overrides)
     from checkpoint import checkpoint_metadata
     from safetensors import safe_open
 
-    trunk, tok = load_checkpoint(path, device, **overrides)
+    trunk, tok = load_checkpoint(path, device, kind="reward_model" if head == "saved" else "language_model",
+                                 **overrides)
     rm = RewardModel(trunk, head="zero" if head == "zero" else "new").to(device)
     if head == "saved":
-        file = os.path.join(path, "score.safetensors")
-        if not os.path.exists(file):
-            raise UserError(f"{path}: no score.safetensors; this is not a reward model directory "
-                            "(train one with reward.py)")
-        with safe_open(file, "pt") as f:
-            weight, step = f.get_tensor("score.weight"), (f.metadata() or {}).get("step")
+        file, norm_file = os.path.join(path, "score.safetensors"), os.path.join(path, "reward.json")
+        for f in (file, norm_file):
+            if not os.path.exists(f):
+                raise UserError(f"{path}: no {os.path.basename(f)}; the reward model was not saved whole "
+                                "(train it again with reward.py)")
+        try:
+            with safe_open(file, "pt") as f:
+                weight, step = f.get_tensor("score.weight"), (f.metadata() or {}).get("step")
+        except Exception as e:  # safetensors has its own error types for a damaged file
+            raise UserError(f"{file}: cannot read the head ({e}); the file is damaged or truncated") from None
         if step != checkpoint_metadata(path).get("step"):
-            raise UserError(f"{path}: the head and the trunk come from different saves (an interrupted save); "
+            raise UserError(f"{path}: the head and the trunk come from different saves; "
                             "train again with --overwrite")
         if weight.shape != rm.score.weight.shape:
             raise UserError(f"{path}: score.weight has shape {tuple(weight.shape)}, "
                             f"expected {tuple(rm.score.weight.shape)}")
         rm.score.weight.data.copy_(weight)
-        norm = read_json(os.path.join(path, "reward.json"))
-        rm.gain.fill_(norm["gain"])
-        rm.bias.fill_(norm["bias"])
+        norm = read_json(norm_file)
+        gain, bias = norm.get("gain"), norm.get("bias")
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (gain, bias)) or not 0 < gain < 1e6 \
+                or abs(bias) > 1e6:
+            raise UserError(f"{norm_file}: gain {gain!r}, bias {bias!r} is no usable normalisation (it maps the "
+                            "SFT responses' scores to mean 0, std 1: gain in (0, 1e6), |bias| <= 1e6)")
+        rm.gain.fill_(gain)
+        rm.bias.fill_(bias)
         rm.norm_info = {k: v for k, v in norm.items() if k not in ("gain", "bias")}
     return rm, tok
 
@@ -364,6 +374,11 @@ def main(cfg: RewardConfig) -> str:
     if bool(cfg.data) == bool(cfg.world_prompts):
         raise UserError("give exactly one of --data (a comparisons JSONL) and --world_prompts N")
     comps = load_comparisons(cfg.data) if cfg.data else None
+    if comps is not None:
+        comps = [c for c in comps if c.pairs]  # a ranked list that is one tie compares nothing
+        if not comps:
+            raise UserError(f"{cfg.data}: no comparison to train on (every pair's chosen equals its rejected, or every "
+                            "ranked list is one tie)")
     check_checkpoint_dir(cfg.init)  # a wrong path fails before out_dir is touched
     out = OutDir(cfg, {"--data": cfg.data, "--init": cfg.init})  # nothing in out_dir is touched before out.start()
     ckpt_dir = out.ckpt
@@ -449,6 +464,7 @@ def main(cfg: RewardConfig) -> str:
         return {"eval_loss": e["loss"], "eval_accuracy": e["pairwise_accuracy"]}
 
     rm.train()
+    start_step = step
     pbar = tqdm(range(step, max_steps), initial=step, total=max_steps, desc="reward model", dynamic_ncols=True)
     t0 = time.time()
     for step in pbar:
@@ -475,7 +491,7 @@ def main(cfg: RewardConfig) -> str:
         last = step + 1 == max_steps
         if evals and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
             row.update(evaluate_held_out())
-            row["prompts_per_s"] = (step + 1 - pbar.initial) * cfg.batch_size * cfg.grad_accum / (time.time() - t0)
+            row["prompts_per_s"] = (step + 1 - start_step) * cfg.batch_size * cfg.grad_accum / (time.time() - t0)
             tqdm.write(f"step {step + 1}: loss {loss:.4f} eval_loss {row['eval_loss']:.4f} "
                        f"held-out pairwise accuracy {row['eval_accuracy']:.3f}")
         out.log(row)

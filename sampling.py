@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from data import Tokenizer, decode_response, encode_prompt, pad_batch
+from data import Tokenizer, UserError, decode_response, encode_prompt, pad_batch
 from model import KVCache, Transformer, autocast, token_logprobs
 
 
@@ -200,8 +200,11 @@ def sample_responses(model: Transformer, tok: Tokenizer, prompts: list[str], n: 
     n `None`s (reported, not cut). A response cut by max_new_tokens (no EOS) ends in " …", so
     nobody mistakes it for a finished one; with return_finished, the texts stay as sampled
     and a second list of lists says which ones ended with EOS."""
-    encoded = [encode_prompt(tok, p) for p in prompts]
     limit = model.config.max_seq_len - max_new_tokens
+    if limit < 1:
+        raise UserError(f"a budget of {max_new_tokens} new tokens leaves no room for a prompt in the model's context "
+                        f"of {model.config.max_seq_len} tokens; lower the token budget")
+    encoded = [encode_prompt(tok, p) for p in prompts]
     todo = sorted((i for i in range(len(prompts)) if len(encoded[i]) <= limit), key=lambda i: len(encoded[i]))
     too_long = len(prompts) - len(todo)
     if too_long:

@@ -113,9 +113,22 @@ class Config:
         c = self
         from train_utils import check_ranges
 
-        check_ranges(c, {
+        check_ranges(c, {  # every flag a stage receives is checked here, under its name here
             "preset": (c.preset in PRESETS, " or ".join(PRESETS)),
             "seeds": (c.seeds >= 1, ">= 1"), "iterations": (c.iterations >= 0, ">= 0"),
+            "vocab_size": (c.vocab_size >= 260, ">= 260"), "dim": (c.dim >= 1 and c.dim % c.n_heads == 0,
+                                                                   "a multiple of --n_heads"),
+            "n_layers": (c.n_layers >= 1, ">= 1"), "n_heads": (c.n_heads >= 1 and c.n_heads % max(1, c.n_kv_heads) == 0,
+                                                                "a multiple of --n_kv_heads"),
+            "n_kv_heads": (c.n_kv_heads >= 1, ">= 1"),
+            "max_seq_len": (c.max_seq_len > max(c.max_new_tokens, c.judge_max_new_tokens),
+                            "larger than --max_new_tokens and --judge_max_new_tokens"),
+            "corpus_docs": (c.corpus_docs >= 2, ">= 2"), "pretrain_steps": (c.pretrain_steps >= 1, ">= 1"),
+            "pretrain_batch_size": (c.pretrain_batch_size >= 1, ">= 1"),
+            "pretrain_seq_len": (2 <= c.pretrain_seq_len <= c.max_seq_len, "in 2..--max_seq_len"),
+            "pretrain_lr": (c.pretrain_lr > 0, "> 0"), "n_ift": (c.n_ift >= 1, ">= 1"), "n_eft": (c.n_eft >= 0, ">= 0"),
+            "sft_epochs": (c.sft_epochs > 0, "> 0"), "sft_batch_size": (c.sft_batch_size >= 1, ">= 1"),
+            "sft_lr": (c.sft_lr > 0, "> 0"), "dropout": (0 <= c.dropout < 1, "in [0, 1)"),
             "n_prompts": (c.n_prompts >= 1, ">= 1"), "few_shot": (c.few_shot >= 1, ">= 1"),
             "n_candidates": (c.n_candidates >= 2, ">= 2"), "judge_samples": (c.judge_samples >= 1, ">= 1"),
             "prompt_generator": (c.prompt_generator in ("base", "model", "world"), "base, model or world"),
@@ -123,9 +136,14 @@ class Config:
                            "self, oracle, random, noisy or a comma list of them"),
             "flip_rate": (0 <= c.flip_rate <= 1, "in [0, 1]"),
             "aift": (c.aift in ("pairs", "positive"), "pairs or positive"),
+            "dpo_beta": (c.dpo_beta > 0, "> 0"), "dpo_nll_coef": (c.dpo_nll_coef >= 0, ">= 0"),
+            "dpo_lr": (c.dpo_lr > 0, "> 0"), "dpo_epochs": (c.dpo_epochs > 0, "> 0"),
+            "dpo_batch_size": (c.dpo_batch_size >= 1, ">= 1"),
             "k": (c.k >= 2, ">= 2"), "n_eval": (c.n_eval >= 1, ">= 1"), "n_eft_eval": (c.n_eft_eval >= 1, ">= 1"),
             "temperature": (c.temperature > 0, "> 0"), "top_p": (0 < c.top_p <= 1, "in (0, 1]"),
-            "top_k": (c.top_k >= 0, ">= 0"),
+            "top_k": (c.top_k >= 0, ">= 0"), "max_new_tokens": (c.max_new_tokens >= 1, ">= 1"),
+            "judge_max_new_tokens": (c.judge_max_new_tokens >= 1, ">= 1"),
+            "eval_batch_size": (c.eval_batch_size >= 1, ">= 1"),
         })
         if c.init and ({"oracle", "noisy"} & set(pair_judges(c)) or c.prompt_generator != "base"):
             raise UserError("with --init there is no oracle and no world: --pair_judge self or random, "

@@ -16,6 +16,7 @@ import random
 import torch
 
 import evaluate
+from evaluate import fmt
 import judge
 from checkpoint import load_checkpoint
 from data import UserError, load_sft_data, read_json, write_json, write_jsonl
@@ -72,18 +73,31 @@ class Files:
         return None  # no oracle for real text
 
 
+def split_pool(cfg: Config) -> tuple[list[str], list[str], int]:
+    """(held-out evaluation prompts, the pool of new prompts, how many pool prompts are also in
+    --ift/--eft). The pool's distinct prompts are shuffled by --world_seed; a prompt the models
+    were trained on never becomes an evaluation prompt (it may still be a new prompt)."""
+    pool = list(dict.fromkeys(e.prompt for e in load_sft_data(cfg.prompts)))  # distinct, in file order
+    random.Random(cfg.world_seed).shuffle(pool)
+    trained = {e.prompt for f in (cfg.ift, cfg.eft) if f for e in load_sft_data(f)}
+    eval_prompts = [p for p in pool if p not in trained][: cfg.n_eval]
+    overlap = sum(p in trained for p in pool)
+    if overlap:
+        print(f"{cfg.prompts}: {overlap} prompts are also in --ift/--eft; they are kept out of the evaluation")
+    held_out = set(eval_prompts)
+    return eval_prompts, [p for p in pool if p not in held_out], overlap
+
+
 def run_files(cfg: Config) -> dict:
     """The loop from --init on your files, then every model's answers to the held-out prompts,
     head-to-heads judged by --eval_judge, and report.md."""
-    check_run_dir(cfg)
     if not cfg.prompts:
         raise UserError("--init needs --prompts (a JSONL prompt pool)")
-    pool = list(dict.fromkeys(e.prompt for e in load_sft_data(cfg.prompts)))  # distinct, in file order
-    random.Random(cfg.world_seed).shuffle(pool)
-    eval_prompts, pool = pool[: cfg.n_eval], pool[cfg.n_eval :]
+    eval_prompts, pool, overlap = split_pool(cfg)
     if len(pool) < cfg.n_prompts * cfg.iterations:
         raise UserError(f"{cfg.prompts}: {len(pool) + len(eval_prompts)} distinct prompts; need {cfg.n_eval} for "
                         f"evaluation + {cfg.n_prompts} x {cfg.iterations} iterations (lower --n_eval or --n_prompts)")
+    check_run_dir(cfg)
     source = Files(cfg, pool)
     models = self_rewarding(cfg, source)
     comparisons = [("M1", "SFT")] if models["M1"] != models["SFT"] else []
@@ -99,7 +113,7 @@ def run_files(cfg: Config) -> dict:
             times[name] = " + ".join(f"{k} {run_times[v]:.0f}" for k, v in steps.items() if v in run_times)
     answers = {name: answer_prompts(cfg, name, path, eval_prompts) for name, path in models.items()}
     verdicts = judged_comparisons(cfg, comparisons, answers, eval_prompts, source.template)
-    write_report(cfg, report_files(cfg, answers, verdicts, iters, times))
+    write_report(cfg, report_files(cfg, answers, verdicts, iters, times, overlap))
     return {}
 
 
@@ -141,10 +155,11 @@ def judged_comparisons(cfg: Config, comparisons: list, answers: dict, prompts: l
     return done
 
 
-def report_files(cfg: Config, answers: dict, verdicts: dict, iters: dict, times: dict) -> str:
+def report_files(cfg: Config, answers: dict, verdicts: dict, iters: dict, times: dict, overlap: int = 0) -> str:
     lines = [f"# Self-rewarding run from {cfg.init}: {cfg.run_dir}", "",
              f"Prompts from {cfg.prompts} ({cfg.n_eval} held out for evaluation, {cfg.n_prompts} new per iteration); "
-             f"judge prompt {cfg.judge_prompt or 'judge_prompt_real.txt'}; evaluation judge {cfg.eval_judge or 'none'}.", "",
+             f"judge prompt {cfg.judge_prompt or 'judge_prompt_real.txt'}; evaluation judge {cfg.eval_judge or 'none'}. "
+             f"{overlap} pool prompts that are also in --ift/--eft were kept out of the evaluation.", "",
              "| model | mean response length (chars) | responses cut by the budget % |", "|---|---|---|"]
     for n, rs in answers.items():
         lines.append(f"| {n} | {sum(len(r or '') for r in rs) / len(rs):.0f} | "
@@ -154,6 +169,10 @@ def report_files(cfg: Config, answers: dict, verdicts: dict, iters: dict, times:
                       "both to agree; margin = win − loss with its 95% paired-bootstrap interval):", "",
                   "| comparison | win | tie | loss | margin [95% CI] | judge parse failures % |", "|---|---|---|---|---|---|"]
         for key, h in verdicts.items():
+            if not h.get("verdict", True):
+                lines.append(f"| {key} | no verdict | | | (the judge scored no prompt's two responses) | "
+                             f"{h['parse_failure_rate']:.1f} |")
+                continue
             lines.append(f"| {key} | {h['win']:.1f} | {h['tie']:.1f} | {h['loss']:.1f} | {h['margin']:+.1f} "
                          f"[{h['margin_ci'][0]:+.1f}, {h['margin_ci'][1]:+.1f}] | {h['parse_failure_rate']:.1f} |")
     lines += ["", "## The iterations: the model as its own judge", "",
@@ -161,6 +180,6 @@ def report_files(cfg: Config, answers: dict, verdicts: dict, iters: dict, times:
               "chosen / rejected length | time (s) |", "|---|---|---|---|---|---|---|---|---|"]
     for n, m in iters.items():
         lines.append(f"| {n} | {m['prompts']} | {m['pairs']} ({m['pair_yield']:.0f}) | {m['tie_rate']:.1f} | "
-                     f"{m['parse_failure_rate']:.1f} | {m['judge_score_hist']} | {m['five_vs_four']:.1f} | "
-                     f"{m['chosen_length']:.0f} / {m['rejected_length']:.0f} | {times.get(n, '')} |")
+                     f"{fmt(m['parse_failure_rate'])} | {m['judge_score_hist']} | {fmt(m['five_vs_four'])} | "
+                     f"{fmt(m['chosen_length'], '.0f')} / {fmt(m['rejected_length'], '.0f')} | {times.get(n, '')} |")
     return "\n".join(lines) + "\n"

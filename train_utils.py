@@ -283,6 +283,9 @@ class OutDir:
             raise UserError("--resume and --overwrite contradict each other; choose one")
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise UserError(f"--out_dir {self.path} is a file")
+        for flag, p in inputs.items():
+            if p and not os.path.exists(p):
+                raise UserError(f"{flag} {p}: no such file or directory")
         self.inputs = {flag: digest(p) for flag, p in inputs.items() if p}
         claim_dir(self.path, "--out_dir")
         from checkpoint import recover_dir

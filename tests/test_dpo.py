@@ -8,14 +8,13 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import dpo
 import train_utils
 import sft
 import tasks
 from data import DataError, Preference, UserError, encode_prompt, encode_response, train_tokenizer
-from model import ModelConfig, Transformer, sequence_logprobs
+from model import ModelConfig, Transformer
 
 VOCAB = 300
 

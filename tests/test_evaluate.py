@@ -177,7 +177,7 @@ def test_reward_modeling_perfect_and_reversed_judges():
     # a judge that never parses gets no credit anywhere
     r = reward_modeling([[None] * len(os_) for os_ in ORACLE], ORACLE)
     assert r["pairwise_accuracy"] == 0 and r["exact_match"] == 0 and r["n_judged_five"] == 0
-    assert math.isnan(r["spearman"]) and math.isnan(r["kendall_tau"]) and math.isnan(r["five_best"])
+    assert r["spearman"] is None and r["kendall_tau"] is None and r["five_best"] is None  # nothing to measure
 
 
 # -----------------------------------------------------------------------------
@@ -271,13 +271,14 @@ def test_instruction_following_gold_scores_five_and_wrong_scores_lower(monkeypat
     r = evaluate.instruction_following(None, None, eval_tasks)
     assert r["oracle_mean"] == 0 and r["exact_correct"] == 0 and r["score_hist"][0] == 12
 
-    # every other task answered with gold, the rest unanswered (too long for the context: None)
+    # every other task answered with gold, the rest unanswered (too long for the context: None,
+    # left out of every statistic: an unanswered prompt is never scored)
     half = {t.prompt: (t.gold if i % 2 == 0 else None) for i, t in enumerate(eval_tasks)}
     _stub_sampler(monkeypatch, lambda ps, n, a: [[half[p]] * n for p in ps])
     r = evaluate.instruction_following(None, None, eval_tasks)
-    assert r["points"] == [5 if i % 2 == 0 else 0 for i in range(12)]
-    assert r["oracle_mean"] == pytest.approx(2.5) and r["exact_correct"] == pytest.approx(0.5)
-    assert r["mean_length_chars"] == pytest.approx(sum(len(t.gold) for t in eval_tasks[0::2]) / 12)
+    assert r["points"] == [5 if i % 2 == 0 else None for i in range(12)] and r["unanswered"] == 6
+    assert r["oracle_mean"] == 5 and r["exact_correct"] == 1
+    assert r["mean_length_chars"] == pytest.approx(sum(len(t.gold) for t in eval_tasks[0::2]) / 6)
 
 
 # -----------------------------------------------------------------------------

@@ -171,7 +171,7 @@ def test_save_and_load_keep_head_and_normalisation(tok, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval().reward(ids, attn), rm.reward(ids, attn))
     assert json.loads((tmp_path / "rm" / "reward.json").read_text())["gain"] == pytest.approx(rm.gain.item())
-    with pytest.raises(UserError, match="not a reward model directory"):
+    with pytest.raises(UserError, match="is not a reward model"):
         Transformer.save_pretrained(rm.transformer, str(tmp_path / "lm"), tok)
         reward.load_reward_model(str(tmp_path / "lm"))
 
