@@ -61,7 +61,9 @@ def preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, be
            probability ε): -(1 - ε) log σ(β h) - ε log σ(-β h)
       ipo: (h - 1 / (2β))²                        Azar et al. 2023, eq. 17 (β is their τ): a
            squared loss that stops pushing once the margin reaches 1/(2β), where DPO's
-           logistic loss keeps pushing (and can drive both log-probs down)
+           logistic loss keeps pushing (and can drive both log-probs down). h uses log-probs
+           SUMMED over the response's tokens, as the paper and OpenRLHF do; TRL's IPO averages
+           them per token, so a β tuned there does not carry over. No label smoothing here.
     At the start policy = reference, so h = 0 and the DPO loss is ln 2 for every pair.
 
     nll_coef α > 0 adds the NLL of the chosen response per token (iterative RPO, Pang et al.

@@ -9,7 +9,7 @@
 
     python sft.py --mode pretrain --out_dir runs/m0
     python sft.py --mode sft --init runs/m0/model --out_dir runs/m1            # world IFT+EFT
-    python sft.py --mode sft --init runs/m0/model --out_dir runs/sft --eft 0   # IFT alone
+    python sft.py --mode sft --init runs/m0/model --out_dir runs/sft --n_eft 0 # IFT alone
     python sft.py --mode sft --init path/to/hf_model --data my.jsonl --out_dir runs/mine
 
 Output: out_dir/model/ (a checkpoint in the HF layout, with tokenizer.json, the resolved

@@ -119,8 +119,11 @@ def field_docs(cls) -> dict:
                 continue
             m = re.match(r"(\w+)\s*:\s*[^=]+=.*?(?:\s+#\s*(.*))?$", text)
             if m and m.group(1) in cls.__dataclass_fields__:
-                old_heading, old_help = docs.get(m.group(1), (heading, ""))
-                docs[m.group(1)] = (old_heading, m.group(2) or old_help)
+                if m.group(1) in docs:  # a base's field given another default here: its help, and this note
+                    old_heading, old_help = docs[m.group(1)]
+                    docs[m.group(1)] = (old_heading, "; ".join(filter(None, [old_help, m.group(2)])))
+                else:
+                    docs[m.group(1)] = (heading, m.group(2) or "")
     return docs
 
 
@@ -142,7 +145,8 @@ def parse_config(cls, description: str = "", defaults=None, argv=None):
     docs = field_docs(cls)
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     groups = {}
-    own = [h for f, (h, _) in docs.items() if f in getattr(cls, "__annotations__", {})]
+    inherited = {f for base in cls.__mro__[1:] for f in getattr(base, "__dataclass_fields__", {})}
+    own = [h for f, (h, _) in docs.items() if f not in inherited]
     for heading in dict.fromkeys(own + [h for h, _ in docs.values()]):  # the script's own headings first
         groups[heading] = p.add_argument_group(heading)
     for f in fields(cls):
