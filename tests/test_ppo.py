@@ -342,3 +342,258 @@ def test_flags_are_checked_before_anything_is_written(sft_model, tmp_path):
     with pytest.raises(UserError, match="--minibatch_size"):
         ppo_cfg(tmp_path / "x", init=init, minibatch_size=9)
     assert not os.path.exists(tmp_path / "x")
+
+
+# -----------------------------------------------------------------------------
+# Critic-free: RLOO and GRPO (--advantage rloo | grpo)
+
+
+def test_rloo_advantages_by_hand():
+    """A_i = r_i - mean of the OTHER k-1 rewards of its prompt. Group 1 (1, 2, 3, 6):
+        A_0 = 1 - 11/3 = -8/3,  A_1 = 2 - 10/3 = -4/3,  A_2 = 3 - 9/3 = 0,  A_3 = 6 - 6/3 = 4
+    (a baseline that included the sample itself, r_i - mean, would give -2, -1, 0, 3). A group of
+    equal rewards gets 0; groups do not mix; k = 2 gives ±(r_1 - r_2)."""
+    scores = torch.tensor([1.0, 2, 3, 6, 5, 5, 5, 5])
+    torch.testing.assert_close(ppo.rloo_advantages(scores, 4),
+                               torch.tensor([-8 / 3, -4 / 3, 0.0, 4.0, 0.0, 0.0, 0.0, 0.0]))
+    torch.testing.assert_close(ppo.rloo_advantages(torch.tensor([0.0, 1.0, 7.0, 3.0]), 2),
+                               torch.tensor([-1.0, 1.0, 4.0, -4.0]))
+    # the estimator is k/(k-1) (r - mean): the leave-one-out form, rescaled
+    r = torch.randn(12, generator=torch.Generator().manual_seed(0))
+    g = r.view(-1, 3)
+    torch.testing.assert_close(ppo.rloo_advantages(r, 3), (1.5 * (g - g.mean(-1, keepdim=True))).flatten())
+
+
+def test_grpo_advantages_by_hand_and_the_std_switch():
+    """(r - group mean) / (group std + 1e-4), std with Bessel's correction. Group (1, 2, 3, 6):
+    mean 3, std sqrt(14/3); a group of equal rewards gets exactly 0 (not 0/0); a group ten times
+    as spread gets the same advantages. --no-grpo_std (Dr. GRPO): r - mean only."""
+    scores = torch.tensor([1.0, 2, 3, 6, 5, 5, 5, 5, 10, 20, 30, 60])
+    adv = ppo.grpo_advantages(scores, 4)
+    centred = torch.tensor([-2.0, -1, 0, 3])
+    torch.testing.assert_close(adv[:4], centred / (math.sqrt(14 / 3) + 1e-4))
+    assert (adv[4:8] == 0).all()
+    torch.testing.assert_close(adv[8:], 10 * centred / (math.sqrt(1400 / 3) + 1e-4))  # = adv[:4] up to eps
+    plain = ppo.grpo_advantages(scores, 4, normalize_std=False)
+    torch.testing.assert_close(plain, torch.cat([centred, torch.zeros(4), 10 * centred]))
+    assert ppo.grpo_advantages(torch.tensor([0.0, 1.0]), 2)[1].item() == pytest.approx(0.5 / (math.sqrt(0.5) + 1e-4))
+
+
+def test_k3_kl_by_hand_and_masked():
+    """k3 = π_ref/π - log(π_ref/π) - 1 per token, averaged over response tokens: π = 0.5, π_ref
+    = 0.25 gives 0.5 + log 2 - 1; π = π_ref gives 0. After EOS nothing counts, however extreme the
+    log-probs there (no inf or NaN in the loss or its gradient). Its gradient lowers log π where
+    π > π_ref and raises it where π < π_ref."""
+    logp = torch.tensor([[math.log(0.5), math.log(0.3), math.log(0.1), -1000.0]], requires_grad=True)
+    ref = torch.tensor([[math.log(0.25), math.log(0.3), math.log(0.2), 0.0]])
+    mask = torch.tensor([[1.0, 1, 1, 0]])
+    loss = ppo.k3_kl(logp, ref, mask)
+    want = ((0.5 + math.log(2) - 1) + 0 + (2 - math.log(2) - 1)) / 3
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    loss.backward()
+    assert torch.isfinite(logp.grad).all() and logp.grad[0, 3] == 0
+    assert logp.grad[0, 0] > 0 and logp.grad[0, 1] == 0 and logp.grad[0, 2] < 0  # d/dlogπ = (1 - π_ref/π) / n
+
+
+def test_grpo_kl_term_pulls_the_policy_towards_the_reference(tok):
+    """GRPO's β · k3 is a loss term: with every advantage 0, one update with β = 1 lowers the k3
+    KL to the reference on the batch, β = 0 leaves the policy where it was."""
+    before, after = {}, {}
+    for beta in (1.0, 0.0):
+        policy = tiny_model(tok)
+        reference = copy.deepcopy(policy).requires_grad_(False)
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(7)
+            for p in reference.parameters():
+                if p.dim() >= 2:
+                    p.add_(0.1 * torch.randn(p.shape, generator=g))
+        cfg = small_cfg(lr=1e-3, advantage="grpo", group_size=4, ppo_epochs=1, minibatch_size=16)
+        po = configure_optimizer(policy, cfg.lr, 0.0, (0.9, 0.95), CPU)
+        batch = ppo.rollout(policy, reference, None, prompts(tok, 4), cfg, tok, torch.Generator().manual_seed(0))
+        batch["advantages"] = torch.zeros_like(batch["logprobs"])
+
+        def k3():
+            with torch.no_grad():
+                lp, _ = ppo.response_logprobs(policy, batch["sequences"], batch["attention_mask"], batch["prompt_len"],
+                                              cfg.temperature)
+            return ppo.k3_kl(lp, batch["ref_logprobs"], batch["response_mask"]).item()
+
+        before[beta] = k3()
+        stats = ppo.ppo_update(policy, None, po, None, batch, cfg, torch.Generator().manual_seed(0), kl_coef=beta)
+        assert stats["kl_loss"] == pytest.approx(before[beta]) and before[beta] > 0.1  # one minibatch: ρ = 1
+        after[beta] = k3()
+    assert after[1.0] < 0.9 * before[1.0]
+    assert after[0.0] == pytest.approx(before[0.0])
+
+
+def capture_step(monkeypatch, policy, reference, cfg, tok, n_prompts, kl_coef=0.1):
+    """ppo_step with the update replaced by a recorder: the batch (advantages included) as PPO
+    would train on it, and the scores it was given."""
+    seen = {}
+
+    def record(policy_, value_model, policy_opt, value_opt, batch, cfg_, gen, ptx_stream=None, kl_coef=0.0):
+        seen["batch"] = batch
+        return {}
+
+    def score_fn(b):
+        seen["scores"] = torch.randn(len(b["finished"]), generator=torch.Generator().manual_seed(5)).round()
+        return seen["scores"], {}
+
+    monkeypatch.setattr(ppo, "ppo_update", record)
+    ppo.ppo_step(policy, reference, None, None, None, prompts(tok, n_prompts), score_fn, kl_coef, cfg, tok,
+                 torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
+    return seen["batch"], seen["scores"]
+
+
+@pytest.mark.parametrize("advantage,grpo_std", [("rloo", True), ("grpo", True), ("grpo", False)])
+def test_group_advantages_in_a_step(sft_model, monkeypatch, advantage, grpo_std):
+    """A step samples k responses to each prompt (rows p·k .. p·k+k-1 share the prompt) and gives
+    every token of a response its sequence advantage, 0 after EOS. rloo: the scores minus
+    β Σ_t (log π - log π_ref), leave-one-out; grpo: the scores alone (the KL is in the loss),
+    std-normalised or not. No values, no returns: nothing of a critic."""
+    from checkpoint import load_checkpoint
+
+    policy, tok = load_checkpoint(sft_model[0])
+    policy.eval()
+    reference = tiny_model(tok, seed=1)  # another model: the KL is not 0
+    k = 4
+    cfg = small_cfg(advantage=advantage, group_size=k, grpo_std=grpo_std, max_new_tokens=20)
+    batch, scores = capture_step(monkeypatch, policy, reference, cfg, tok, n_prompts=4)
+    mask, P = batch["response_mask"], batch["prompt_len"]
+    assert mask.shape[0] == 16 and (mask == 0).any()  # some responses end before the budget
+    prompt_part = batch["sequences"][:, :P].view(4, k, P)
+    assert (prompt_part == prompt_part[:, :1]).all() and not (prompt_part[0] == prompt_part[1]).all()
+    assert "values" not in batch and "returns" not in batch
+    kl = (batch["logprobs"] - batch["ref_logprobs"]).sum(-1)
+    assert (kl.abs() > 1e-3).all()
+    if advantage == "rloo":
+        seq_adv = ppo.rloo_advantages(scores - 0.1 * kl, k)
+    else:
+        seq_adv = ppo.grpo_advantages(scores, k, normalize_std=grpo_std)
+    torch.testing.assert_close(batch["advantages"], seq_adv[:, None] * mask)
+    assert (batch["advantages"][mask == 0] == 0).all()
+
+
+@pytest.mark.parametrize("advantage", ["rloo", "grpo"])
+def test_critic_free_ratio_is_exactly_one_on_the_first_minibatch(tok, advantage):
+    """As for gae: the first minibatch's ρ is 1 on every token, later ones moved; no value
+    statistics; grpo logs its k3 KL term, which grows once the policy leaves the reference."""
+    policy, reference, _ = four_models(tok)
+    cfg = small_cfg(temperature=0.7, lr=1e-2, advantage=advantage, group_size=4)
+    po = configure_optimizer(policy, cfg.lr, 0.0, (0.9, 0.95), CPU)
+    score_fn = lambda b: (torch.randn(len(b["finished"]), generator=torch.Generator().manual_seed(0)), {})
+    stats = ppo.ppo_step(policy, reference, None, po, None, prompts(tok, 4), score_fn, 0.05, cfg, tok,
+                         torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
+    assert stats["first_ratio_dev"] < 1e-6
+    assert stats["approx_kl"] > 0
+    assert not {"value_loss", "value_grad_norm", "explained_var", "value_mean"} & set(stats)
+    assert 0 <= stats["flat_groups"] <= 1 and stats["adv_abs"] > 0
+    assert ("kl_loss" in stats) == (advantage == "grpo")
+    if advantage == "grpo":
+        assert stats["kl_loss"] > 0
+
+
+def test_critic_free_grpo_raises_a_toy_reward(tok):
+    """The toy reward of the gae test (share of token X, ~2% of the first samples), GRPO with 4
+    responses to each of 4 prompts and no value model: eight steps raise it more than tenfold (a
+    zero or sign-flipped advantage leaves it near 0)."""
+    policy, reference, value = four_models(tok)
+    cfg = small_cfg(kl_coef=0.0, lr=2e-2, advantage="grpo", group_size=4)
+    po = configure_optimizer(policy, cfg.lr, 0.0, (0.9, 0.95), CPU)
+    first = ppo.rollout(policy, reference, None, prompts(tok, 4), cfg, tok, torch.Generator().manual_seed(0))
+    sampled = first["tokens"][first["response_mask"].bool()]
+    X = int(torch.mode(sampled[sampled != tok.eos_id]).values)
+
+    def score_fn(b):
+        share = ((b["tokens"] == X).float() * b["response_mask"]).sum(-1) / b["response_mask"].sum(-1)
+        return share, {"share": share.mean().item()}
+
+    shares = [ppo.ppo_step(policy, reference, None, po, None, prompts(tok, 4), score_fn, 0.0, cfg, tok,
+                           torch.Generator().manual_seed(100 + s), torch.Generator().manual_seed(s))["share"]
+              for s in range(8)]
+    assert (sampled == X).float().mean().item() < 0.05
+    assert sum(shares[-3:]) / 3 > 0.25, shares
+
+
+def test_grpo_oracle_run_builds_and_saves_no_value_model(sft_model, tmp_path, monkeypatch):
+    """--advantage grpo --reward oracle: no --reward_model and no value model needed (loading
+    any RewardModel fails the test); each step grades k responses to each of batch_size / k
+    prompts, every response against its own prompt's task; the checkpoint's trainer state holds
+    no value model or value optimizer; eval.json names the estimator and the peak memory."""
+    init, _ = sft_model
+
+    def no_value_model(*a, **kw):
+        raise AssertionError("a critic-free run loaded a RewardModel")
+
+    graded = []
+    real_score = ppo.score_rollout
+
+    def score_and_record(batch, prompt_tasks, *a, **kw):
+        graded.append((len(batch["finished"]), [t.prompt for t in prompt_tasks]))
+        return real_score(batch, prompt_tasks, *a, **kw)
+
+    monkeypatch.setattr(ppo, "load_reward_model", no_value_model)
+    monkeypatch.setattr(ppo, "score_rollout", score_and_record)
+    ckpt = ppo.main(ppo_cfg(tmp_path / "g", init=init, reward="oracle", advantage="grpo", group_size=4,
+                            max_steps=2, eval_every=0))
+    rows = read_metrics(tmp_path / "g")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["first_ratio_dev"] < 1e-6 and rows[0]["kl"] == 0
+    for r in rows:
+        assert math.isfinite(r["kl_loss"]) and 0 <= r["flat_groups"] <= 1 and 0 <= r["oracle"] <= 5
+        assert not {"value_loss", "explained_var", "value_mean"} & set(r)
+    for n, names in graded:
+        assert n == 8 == len(names)
+        assert len(set(names)) == 2 and names[:4] == [names[0]] * 4 and names[4:] == [names[4]] * 4
+    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
+    assert "value_model" not in state and "value_optimizer" not in state
+    assert {"step", "optimizer", "kl_coef", "oracle_norm"} <= set(state)
+    report = json.load(open(tmp_path / "g" / "eval.json"))
+    assert report["advantage"] == "grpo" and report["peak_memory_mb"] > 0
+
+
+def test_rloo_run_against_the_rm_resumes_exactly(sft_model, tmp_path, monkeypatch):
+    """--advantage rloo --reward rm: the RM scores, nothing becomes a value model; a run stopped
+    after step 2 and resumed ends with the same policy as an uninterrupted one."""
+    init, rm = sft_model
+    kw = dict(init=init, reward_model=rm, advantage="rloo", group_size=2, save_every=2, eval_every=0)
+    a = ppo.main(ppo_cfg(tmp_path / "a", **kw))
+    rows = read_metrics(tmp_path / "a")
+    assert all(math.isfinite(r["rm_score"]) and "value_loss" not in r and "kl_loss" not in r for r in rows)
+    assert "value_model" not in torch.load(os.path.join(a, "trainer_state.pt"), weights_only=True)
+
+    real = train_utils.OutDir.save
+
+    def save_then_crash(self, model, tok_, opt, step, *args, **kwargs):
+        real(self, model, tok_, opt, step, *args, **kwargs)
+        if step == 2:
+            raise KeyboardInterrupt
+
+    cfg_b = ppo_cfg(tmp_path / "b", **kw)
+    with monkeypatch.context() as m:
+        m.setattr(train_utils.OutDir, "save", save_then_crash)
+        with pytest.raises(KeyboardInterrupt):
+            ppo.main(cfg_b)
+    b = ppo.main(dataclasses.replace(cfg_b, resume=True))
+    wa, wb = (Transformer.from_pretrained(p).state_dict() for p in (a, b))
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_critic_free_flags_are_checked(sft_model, tmp_path):
+    """An unknown estimator, a group of one, a batch that is not whole groups are refused by
+    name; gae ignores --group_size; rloo/grpo with --reward rm still need --reward_model."""
+    init, _ = sft_model
+    with pytest.raises(UserError, match="--advantage"):
+        ppo_cfg(tmp_path / "x", advantage="ppo")
+    for adv in ("rloo", "grpo"):
+        with pytest.raises(UserError, match="--group_size 1 "):
+            ppo_cfg(tmp_path / "x", advantage=adv, group_size=1)
+        with pytest.raises(UserError, match="--batch_size 8 .*multiple of --group_size 3"):
+            ppo_cfg(tmp_path / "x", advantage=adv, group_size=3)
+        with pytest.raises(UserError, match="--reward_model"):
+            ppo.main(ppo_cfg(tmp_path / "x", init=init, advantage=adv))
+    ppo_cfg(tmp_path / "x", group_size=3)  # gae: one response per prompt, --group_size unused
+    with pytest.raises(UserError, match="--group_size 0 "):
+        ppo_cfg(tmp_path / "x", group_size=0)
+    assert not os.path.exists(tmp_path / "x")
