@@ -13,7 +13,7 @@ beside them. Usage:
 
   python bench.py                                  # tiny and small, best device (~1 min on 2 idle CPU cores)
   python bench.py --configs tiny --out bench.md    # also write the markdown table to a file
-  python bench.py --device cuda --compile          # bf16 autocast on CUDA, torch.compile for training
+  python bench.py --device cuda --compile          # bf16 autocast on CUDA, torch.compile (training; the compiled sampler)
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from train_utils import get_device, parse_config
 class BenchConfig:
     configs: str = "tiny,small"  # which entries of MODELS to run, comma-separated
     device: str = "auto"  # auto = cuda > mps > cpu
-    compile: bool = False  # torch.compile both models for the training step
+    compile: bool = False  # torch.compile both models for the training step, and time generate's compiled fast path
     batch_size: int = 0  # training batch; 0 = the per-config default in TRAIN_SHAPES
     seq_len: int = 0  # training sequence length; 0 = default
     train_steps: int = 0  # timed training steps per model; 0 = default
@@ -229,9 +229,10 @@ def bench_training(ours, hf, bc: BenchConfig, shape, device) -> dict:
 # Generation
 
 
-def ours_generate(model, prompts, n):
-    # temperature 0 = greedy; eos_id -1 can never be an argmax, so every row runs n tokens
-    return generate(model, prompts, max_new_tokens=n, eos_id=-1, pad_id=0, temperature=0).tokens
+def ours_generate(model, prompts, n, compile=False):
+    # temperature 0 = greedy; eos_id -1 can never be an argmax, so every row runs n tokens.
+    # compile=True: the static-shape loop with its step under torch.compile (sampling.py)
+    return generate(model, prompts, max_new_tokens=n, eos_id=-1, pad_id=0, temperature=0, compile=compile).tokens
 
 
 @torch.no_grad()
@@ -282,6 +283,10 @@ def bench_generation(ours, hf, bc: BenchConfig, batch: int, device) -> dict:
     # warm up with a short generation each (allocator, kernel plans, HF's first-call setup)
     ours_generate(ours, prompts, 8), hf_generate(hf, prompts, 8, device), naive_generate(ours, prompts[:nb], 8, device)
     reps = {"ours": bc.gen_repeats, "hf": bc.gen_repeats, "naive": bc.naive_repeats}
+    if bc.compile:  # the fast path; warmed up at the timed shape, so compilation is not timed
+        fns["compiled"] = run("compiled", lambda p: ours_generate(ours, p, n, compile=True), prompts)
+        ours_generate(ours, prompts, n, compile=True)
+        reps["compiled"] = bc.gen_repeats
     t = timeit(fns, device, warmup=0, repeats=reps)
     for k, v in outs.items():
         assert v.shape == ((nb if k == "naive" else batch), n), f"{k} generated {tuple(v.shape)} tokens"
@@ -289,6 +294,8 @@ def bench_generation(ours, hf, bc: BenchConfig, batch: int, device) -> dict:
     res["naive_rows"] = nb
     res["agree_hf"] = (outs["ours"] == outs["hf"]).float().mean().item()
     res["agree_naive"] = (outs["ours"][:nb] == outs["naive"]).float().mean().item()
+    if "compiled" in outs:
+        res["agree_compiled"] = (outs["ours"] == outs["compiled"]).float().mean().item()
     return res
 
 
@@ -399,6 +406,11 @@ def main(argv=None):
             ])
             notes.append(f"{name}, batch {b}: greedy tokens identical to HF {r['agree_hf']:.1%}, "
                          f"to the no-cache loop {r['agree_naive']:.1%}")
+            if "compiled" in r:
+                rows.append([name, f"generate tok/s, batch {b}, compiled", fmt_rate(r["compiled"]), fmt_rate(r["hf"]),
+                             "", f"{r['compiled'] / r['hf']:.2f}× HF · {r['compiled'] / r['ours']:.2f}× eager",
+                             f"≥{tgt_hf}× HF", met(r["compiled"] / r["hf"], tgt_hf)])
+                notes.append(f"{name}, batch {b}: compiled greedy tokens identical to eager {r['agree_compiled']:.1%}")
             print(f"  generate b={b}: ours {fmt_rate(r['ours'])} tok/s, HF {fmt_rate(r['hf'])}, "
                   f"naive {fmt_rate(r['naive'])}  ({vs_hf:.2f}× HF, {vs_naive:.1f}× naive; "
                   f"agree HF {r['agree_hf']:.1%}, naive {r['agree_naive']:.1%}) [{time.perf_counter() - t0:.0f}s]",

@@ -38,7 +38,7 @@ import tasks
 from data import (Preference, UserError, encode_prompt, encode_response, epoch_batch, load_preference_data,
                   pad_batch, read_jsonl)
 from checkpoint import load_checkpoint
-from model import autocast, sequence_logprobs
+from model import autocast, frozen, sequence_logprobs
 from train_utils import (OptimFlags, OutDir, RunFlags, SamplingFlags, check_finite, check_ranges, cli,
                          configure_optimizer, get_device, lr_schedule, optim_ranges, sampling_ranges,
                          total_steps)
@@ -272,7 +272,7 @@ def main(cfg: DPOConfig) -> str:
     overrides = {"max_seq_len": cfg.max_seq_len} if cfg.max_seq_len else {}
     reference, tok = load_checkpoint(cfg.init, device, **overrides)
     tok.system = cfg.system or None
-    reference.eval().requires_grad_(False)
+    frozen(reference.eval().requires_grad_(False), device)  # bf16 on CUDA: only read
 
     world_file = os.path.join(cfg.out_dir, "world_pairs.jsonl")
     if cfg.world_prompts:

@@ -4,12 +4,14 @@ A Llama-style decoder written out by hand (Touvron et al. 2023): token embedding
 rotary position embeddings, grouped-query attention (optionally with q/k/v bias, as in
 Qwen2), a SwiGLU MLP and an output head that may share the embedding matrix.
 
-  - `Transformer`          the network; `forward(idx)` -> logits (B, T, V)
+  - `Transformer`          the network; `forward(idx)` -> logits (B, T, V); `decode_step`, the
+                           static-shape one-token step of the compiled sampler
   - `KVCache`              keys and values of every layer, preallocated for one generation
                            (the sampler that fills it is sampling.py's `generate`)
   - `token_logprobs`, `sequence_logprobs`   log-probs of given tokens in one forward (SFT, DPO,
                            PPO, evaluation), always in fp32
   - `autocast`             bf16 autocast on CUDA
+  - `frozen`               a model that is only read (reference, reward model, judge) in bf16 on CUDA
 Checkpoints (HF layout) are read and written by checkpoint.py; `Transformer.save_pretrained`
 and `Transformer.from_pretrained` call it.
 
@@ -175,6 +177,14 @@ class KVCache:
         self.v = self.v.repeat_interleave(n, dim=1)
 
     def update(self, layer, start, k, v):
+        if isinstance(start, torch.Tensor):
+            # the static-shape decode step (Transformer.forward with a tensor `start`): write the
+            # one new column where the 1-element tensor says, in place (an index_put, which
+            # compiled code keeps in place), and hand back the whole capacity; the step's mask
+            # hides the columns that are not real keys
+            self.k[layer][:, :, start] = k
+            self.v[layer][:, :, start] = v
+            return self.k[layer], self.v[layer]
         end = start + k.shape[2]
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
@@ -221,7 +231,10 @@ class Transformer(nn.Module):
         the batch is taken to be unpadded or right-padded, and plain causal attention is used
         (right padding never leaks: real tokens only look left).
         cache/start: a KVCache and the column at which `idx` begins (prefill: 0).
-        positions: optional (B, T) rotary positions; by default derived from attention_mask."""
+        positions: optional (B, T) rotary positions; by default derived from attention_mask.
+        A tensor `start` selects the static-shape decode step instead (`decode_step`)."""
+        if isinstance(start, torch.Tensor):
+            return self.decode_step(idx, attention_mask, cache, start, positions)
         B, T = idx.shape
         S = start + T
         if S > self.config.max_seq_len:
@@ -262,6 +275,30 @@ class Transformer(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             return F.linear(x.float(), self.lm_head.weight.float())
 
+    def decode_step(self, idx, key_mask, cache, col, positions):
+        """One new token per row with every shape fixed for the whole generation: the step of
+        sampling.py's fast path (`generate(..., compile=True)`), which torch.compile traces
+        once and CUDA graphs can replay. `forward` comes here when `start` is a tensor.
+
+        idx (B, 1): the new tokens; their keys and values go to the cache column held by the
+        1-element LongTensor `col` (a tensor, not an int: an int would be baked into the
+        compiled code, one compilation per column). key_mask (B, C) bool over the cache's whole
+        capacity C: True = a real key. Attention runs over all C columns, and the mask hides
+        the padding, the finished rows' tokens and the columns not written yet; each query
+        sees its own column, as in `forward`. positions (B, 1): rotary positions.
+        Compared with `forward` over the cache's first col+1 columns, the only difference is
+        the length of the masked attention row: the same tokens, logits within float rounding."""
+        cols = torch.arange(key_mask.shape[1], device=idx.device)
+        mask = (key_mask | (cols == col))[:, None, None, :]  # (B, 1, 1, C): broadcast over heads
+        cos = self.rope_cos[positions][:, None]  # (B, 1, 1, hd)
+        sin = self.rope_sin[positions][:, None]
+        x = self.dropout(self.embed_tokens(idx))
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, mask, cache, i, col)
+        x = self.norm(x)
+        with torch.autocast(x.device.type, enabled=False):  # fp32 head, as in forward
+            return F.linear(x.float(), self.lm_head.weight.float())
+
     # checkpoints (checkpoint.py: the Hugging Face layout) ------------------------
 
     def save_pretrained(self, path: str, tokenizer=None, extra_files: dict | None = None,
@@ -287,6 +324,18 @@ def autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
+
+
+def frozen(model: nn.Module, device) -> nn.Module:
+    """A model that is only read, never trained (PPO's reference and reward models, DPO's
+    reference, the judge), in bf16 on CUDA: half the memory and bandwidth of fp32, and under
+    bf16 autocast its matmuls ran in bf16 anyway. Parameters only: the rotary tables stay
+    fp32, and the output head still runs in fp32 (on bf16-rounded weights). Elsewhere nothing
+    changes. The model being trained keeps fp32 master weights under bf16 autocast."""
+    if torch.device(device).type == "cuda":
+        for p in model.parameters():  # a tied matrix is one Parameter: cast once, still tied
+            p.data = p.data.to(torch.bfloat16)
+    return model
 
 
 # -----------------------------------------------------------------------------

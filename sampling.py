@@ -7,6 +7,13 @@
                          sampled tokens, their log-probs, masks and which rows finished
   - `sample_responses`   strings in, strings out: prompts rendered with the chat template
                          (data.encode_prompt), sorted by length, batched, decoded
+
+`generate` has two decoding loops that give the same tokens. `_sample`, the default, is the
+one to read: each step attends over the columns filled so far. `_sample_static`, opt-in with
+`compile=True`, keeps every shape fixed so that torch.compile can fuse the step (and CUDA
+graphs replay it): the cache's whole capacity is attended under a mask, the step's column and
+positions are tensors advanced in place, sampling is an argmax over noise drawn outside the
+compiled code, and "all rows finished?" is asked only every few tokens.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from data import Tokenizer, UserError, decode_response, encode_prompt, pad_batch
-from model import KVCache, Transformer, autocast, token_logprobs
+from model import KVCache, ModelConfig, Transformer, autocast, token_logprobs
 
 
 # -----------------------------------------------------------------------------
@@ -74,6 +81,7 @@ def generate(
     attention_mask=None,
     generator: torch.Generator | None = None,
     num_samples: int = 1,
+    compile: bool | str = False,
 ) -> Generation:
     """Sample continuations of a batch of prompts with a KV cache.
 
@@ -83,7 +91,12 @@ def generate(
     num_samples: continuations per prompt. The prompts' prefill runs once and its cache is
     copied, so the output has P * num_samples rows, prompt i owning rows
     i * num_samples ... (i + 1) * num_samples - 1 (best-of-N sampling, the judge's 3 samples).
-    `generator` (a torch.Generator on the model's device) makes sampling repeatable."""
+    `generator` (a torch.Generator on the model's device) makes sampling repeatable.
+    compile: False runs the eager loop (`_sample`). True runs the static-shape loop
+    (`_sample_static`) with its step compiled by torch.compile: mode "reduce-overhead" (CUDA
+    graphs) on CUDA, the default mode elsewhere; a string names the mode; "static" runs the
+    static-shape loop uncompiled (tests, debugging). Same tokens as the eager loop, the same
+    draws from the same generator; log-probs equal to float rounding (~1e-6)."""
     if pad_id == eos_id:
         raise ValueError("pad_id must differ from eos_id: padding would read as end of sequence")
     if not (temperature >= 0 and top_k >= 0 and 0 < top_p <= 1 and max_new_tokens >= 1 and num_samples >= 1):
@@ -112,6 +125,9 @@ def generate(
     was_training = model.training
     model.eval()  # no dropout while sampling; restored below even if sampling raises
     try:
+        if compile:
+            return _sample_static(model, ids, attention_mask, max_new_tokens, eos_id, pad_id,
+                                  temperature, top_k, top_p, generator, num_samples, compile)
         return _sample(model, ids, attention_mask, max_new_tokens, eos_id, pad_id, temperature,
                        top_k, top_p, generator, num_samples)
     finally:
@@ -185,6 +201,178 @@ def _sample(model, ids, attention_mask, max_new_tokens, eos_id, pad_id, temperat
 
 
 # -----------------------------------------------------------------------------
+# Token level, the fast path: a static-shape decode step for torch.compile / CUDA graphs
+#
+# The eager loop above is cheap in FLOPs but pays Python and allocator overhead per token:
+# a new mask slice, a growing key range, a dozen small tensors, and `finished.all()`, which
+# on a GPU waits for the device every token (so does torch.multinomial, which checks its
+# input with three .item() calls). The loop below removes each of these:
+#   - every buffer is allocated once per shape: the KV cache of a fixed capacity C (bucketed,
+#     so that prompts of similar length share one compiled step), the key mask (B, C), the
+#     outputs (B, N), the step's column, step and positions as small tensors advanced in place
+#   - the step attends over all C columns under the key mask (model.Transformer.decode_step)
+#   - torch.multinomial(probs, 1) is, in PyTorch, argmax(probs / q) with q ~ Exp(1) drawn
+#     from the generator; q is drawn outside the compiled step (`noise.exponential_`), so the
+#     generator's stream, and therefore every draw, is the eager loop's
+#   - finished rows keep running on padding (masked), and the loop asks whether every row
+#     has finished only every STOP_CHECK_EVERY tokens (every token on CPU, where asking costs
+#     nothing); the output is then cut to the columns where some row was still running.
+
+STOP_CHECK_EVERY = 8  # tokens between two "all finished?" checks (host-device syncs) on GPUs
+CAPACITY_BUCKET = 64  # the cache's capacity is T0 + max_new_tokens rounded up to this
+
+
+class _StaticState:
+    """Every tensor the static step reads or writes. The step mutates them in place; their
+    shapes never change during one generation."""
+
+    def __init__(self, key, cfg: ModelConfig, B: int, C: int, N: int, V: int, device, dtype):
+        self.key = key
+        self.cache = KVCache(cfg, B, C, device, dtype)
+        self.key_mask = torch.zeros((B, C), dtype=torch.bool, device=device)  # True = real key
+        self.tok = torch.zeros((B, 1), dtype=torch.long, device=device)  # last token chosen
+        self.pos = torch.zeros((B, 1), dtype=torch.long, device=device)  # its rotary position
+        self.col = torch.zeros(1, dtype=torch.long, device=device)  # its cache column
+        self.t = torch.zeros(1, dtype=torch.long, device=device)  # its index in the response
+        self.finished = torch.zeros(B, dtype=torch.bool, device=device)
+        self.tokens = torch.zeros((B, N), dtype=torch.long, device=device)
+        self.logprobs = torch.zeros((B, N), dtype=torch.float32, device=device)
+        self.noise = torch.empty((B, V), dtype=torch.float32, device=device)  # q ~ Exp(1)
+        if device.type == "cuda":
+            # CUDA graphs replay on fixed addresses: tell them these inputs stay put
+            for x in (self.cache.k, self.cache.v, self.key_mask, self.tok, self.pos, self.col,
+                      self.t, self.finished, self.tokens, self.logprobs, self.noise):
+                torch._dynamo.mark_static_address(x)
+
+
+_state_slot: list[_StaticState] = []  # the last generation's buffers, reused by the next of the same shapes
+
+
+def _static_state(cfg: ModelConfig, B, C, N, V, device, dtype) -> _StaticState:
+    """Buffers for one generation. The last set is kept and reused when the shapes repeat (a
+    CUDA graph replays only on the addresses it recorded); one set only, so memory stays
+    that of one generation."""
+    key = (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, B, C, N, V, str(device), dtype)
+    if not (_state_slot and _state_slot[0].key == key):
+        _state_slot.clear()  # free the old buffers before allocating the new ones
+        _state_slot.append(_StaticState(key, cfg, B, C, N, V, device, dtype))
+    return _state_slot[0]
+
+
+def _choose(logits, s: _StaticState, temperature, top_k, top_p, eos_id, pad_id):
+    """Pick each row's next token from logits (B, V) and record it at response index s.t,
+    cache column s.col: the body of the eager loop, without a Python branch on tensor values
+    and without allocating anything that outlives the step."""
+    logits = logits.float()
+    if temperature == 0:
+        next_tok = logits.argmax(-1)
+        scaled = logits
+    else:
+        scaled = logits / temperature
+        probs = filter_logits(scaled, top_k, top_p).softmax(-1)
+        next_tok = (probs / s.noise).argmax(-1)  # torch.multinomial(probs, 1), given its noise
+    logp = token_logprobs(scaled[:, None], next_tok[:, None])[:, 0]  # greedy: at T = 1
+    alive = ~s.finished
+    out_tok = torch.where(alive, next_tok, pad_id)
+    s.tokens.index_copy_(1, s.t, out_tok[:, None])
+    s.logprobs.index_copy_(1, s.t, torch.where(alive, logp, 0.0)[:, None])
+    s.key_mask.index_copy_(1, s.col, alive[:, None])  # a finished row's token is no key
+    s.finished |= alive & (next_tok == eos_id)
+    s.tok.copy_(out_tok[:, None])
+
+
+def _decode_step(model, s: _StaticState, temperature, top_k, top_p, eos_id, pad_id):
+    """Forward the last chosen token, choose the next: what torch.compile compiles."""
+    with autocast(s.col.device):
+        logits = model(s.tok, s.key_mask, cache=s.cache, start=s.col, positions=s.pos)[:, -1]
+    s.col += 1
+    s.pos += 1
+    s.t += 1
+    _choose(logits, s, temperature, top_k, top_p, eos_id, pad_id)
+
+
+_compiled_steps: dict = {}
+
+
+def compiled_step(mode: str):
+    """`_decode_step` under torch.compile, one wrapper per mode (torch.compile keeps the
+    compiled code per shape and argument values; the static shapes make it one compilation
+    per (batch, capacity, budget))."""
+    if mode not in _compiled_steps:
+        _compiled_steps[mode] = torch.compile(_decode_step, mode=mode, fullgraph=True,
+                                              dynamic=False if mode == "reduce-overhead" else None)
+    return _compiled_steps[mode]
+
+
+def _sample_static(model, ids, attention_mask, max_new_tokens, eos_id, pad_id, temperature, top_k,
+                   top_p, generator, num_samples, compile=True, stop_check_every=None) -> Generation:
+    """The decoding loop of `generate(..., compile=...)`: the same tokens as `_sample`, with
+    every shape fixed (see the comment above `STOP_CHECK_EVERY`)."""
+    device = ids.device
+    P, T0 = ids.shape
+    B, N = P * num_samples, max_new_tokens
+    cfg = model.config
+    C = min(cfg.max_seq_len, -(-(T0 + N) // CAPACITY_BUCKET) * CAPACITY_BUCKET)
+    dtype = torch.bfloat16 if device.type == "cuda" else next(model.parameters()).dtype
+
+    # prefill, as in the eager loop, into a cache of the prompt's length
+    prefill = KVCache(cfg, P, T0, device, dtype)
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with autocast(device):
+        logits = model(ids, attention_mask, cache=prefill, start=0, positions=positions)[:, -1]
+    if num_samples > 1:  # shared prefill: copy the prompt to its rows; each row draws its own token
+        prefill.repeat_interleave(num_samples)
+        ids = ids.repeat_interleave(num_samples, dim=0)
+        attention_mask = attention_mask.repeat_interleave(num_samples, dim=0)
+        logits = logits.repeat_interleave(num_samples, dim=0)
+
+    s = _static_state(cfg, B, C, N, logits.shape[-1], device, dtype)
+    s.cache.k[:, :, :, :T0] = prefill.k  # columns >= T0 may hold an earlier call's keys: masked
+    s.cache.v[:, :, :, :T0] = prefill.v
+    del prefill
+    s.key_mask.zero_()
+    s.key_mask[:, :T0] = attention_mask.bool()
+    s.pos.copy_(attention_mask.sum(-1, keepdim=True))  # position of the first new token
+    s.col.fill_(T0)
+    s.t.zero_()
+    s.finished.zero_()
+    s.tokens.fill_(pad_id)
+    s.logprobs.zero_()
+
+    if compile is True:
+        compile = "reduce-overhead" if device.type == "cuda" else "default"
+    step = _decode_step if compile == "static" else compiled_step(compile)
+    graphs = compile == "reduce-overhead"
+    every = stop_check_every or (1 if device.type == "cpu" else STOP_CHECK_EVERY)
+    sampling = temperature > 0
+    args = (temperature, top_k, top_p, eos_id, pad_id)
+
+    if sampling:
+        s.noise.exponential_(1, generator=generator)  # the draw torch.multinomial would make
+    _choose(logits, s, *args)  # the first token, from the prefill's logits
+    for t in range(1, N):
+        if t % every == 0 and bool(s.finished.all()):  # the loop's only host-device sync
+            break
+        if sampling:
+            s.noise.exponential_(1, generator=generator)
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
+        step(model, s, *args)
+
+    # the columns in which some row was still running: a prefix, as rows only ever stop
+    n = int(s.key_mask[:, T0 : T0 + N].any(0).sum())
+    tokens = s.tokens[:, :n].clone()  # clones: the buffers serve the next call
+    return Generation(
+        sequences=torch.cat([ids, tokens], dim=1),
+        attention_mask=s.key_mask[:, : T0 + n].long(),
+        tokens=tokens,
+        logprobs=s.logprobs[:, :n].clone(),
+        response_mask=s.key_mask[:, T0 : T0 + n].long(),
+        finished=s.finished.clone(),
+    )
+
+
+# -----------------------------------------------------------------------------
 # Text level: prompts in, responses out
 
 
@@ -192,14 +380,15 @@ def _sample(model, ids, attention_mask, max_new_tokens, eos_id, pad_id, temperat
 def sample_responses(model: Transformer, tok: Tokenizer, prompts: list[str], n: int = 1,
                      temperature: float = 0.7, top_p: float = 0.9, max_new_tokens: int = 48,
                      batch_size: int = 64, generator: torch.Generator | None = None,
-                     desc: str = "sampling", return_finished: bool = False, top_k: int = 0):
+                     desc: str = "sampling", return_finished: bool = False, top_k: int = 0,
+                     compile: bool | str = False):
     """n responses per prompt, in the chat template. Each prompt's prefill runs once and is
     shared by its n samples (generate's num_samples); prompts are sorted by length before
     batching, so a batch carries little left-padding; batch_size counts sampled rows.
     Returns out[i] = n strings for prompts[i]; a prompt that does not fit the context gets
     n `None`s (reported, not cut). A response cut by max_new_tokens (no EOS) ends in " …", so
     nobody mistakes it for a finished one; with return_finished, the texts stay as sampled
-    and a second list of lists says which ones ended with EOS."""
+    and a second list of lists says which ones ended with EOS. compile: generate's fast path."""
     limit = model.config.max_seq_len - max_new_tokens
     if limit < 1:
         raise UserError(f"a budget of {max_new_tokens} new tokens leaves no room for a prompt in the model's context "
@@ -215,7 +404,8 @@ def sample_responses(model: Transformer, tok: Tokenizer, prompts: list[str], n: 
     for s in tqdm(range(0, len(todo), per_batch), desc=desc, leave=False, disable=len(todo) <= per_batch):
         chunk = todo[s : s + per_batch]
         g = generate(model, [encoded[i] for i in chunk], max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                     temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, num_samples=n)
+                     temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, num_samples=n,
+                     compile=compile)
         rows, done = g.tokens.tolist(), g.finished.tolist()
         for r, i in enumerate(chunk):
             for k in range(n):
