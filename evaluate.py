@@ -259,12 +259,13 @@ def reward_modeling(judge_scores: list[list[float | None]], oracle_scores: list[
 
 def judge_eval(model, tok, template: str, eft_eval, n_samples: int = 3, generator=None,
                max_new_tokens: int = 64, batch_size: int = 64, temperature: float = 0.7,
-               top_p: float = 0.9, top_k: int = 0) -> dict:
+               top_p: float = 0.9, top_k: int = 0, answer_max_new_tokens: int = 48) -> dict:
     """Reward-modeling metrics of `model` as a judge on the EFT evaluation set
-    [(task, K responses, K oracle points)], each response judged n_samples times."""
+    [(task, K responses, K oracle points)], each response judged n_samples times (with a
+    reference-guided template, against the model's own greedy answer to each prompt)."""
     items = [(t.prompt, r) for t, rs, _ in eft_eval for r in rs]
     js = judge.score(model, tok, template, items, n_samples, temperature, top_p, max_new_tokens, batch_size,
-                     generator, desc="judge eval", top_k=top_k)
+                     generator, desc="judge eval", top_k=top_k, answer_max_new_tokens=answer_max_new_tokens)
     k = len(eft_eval[0][1])
     scores = [[j.score for j in js[i * k : (i + 1) * k]] for i in range(len(eft_eval))]
     out = reward_modeling(scores, [pts for _, _, pts in eft_eval])

@@ -24,10 +24,18 @@ from sampling import sample_responses
 # The judge prompt
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORLD_PROMPT = os.path.join(HERE, "judge_prompt.txt")  # the task world, the paper's pointwise judge
+REFERENCE_PROMPT = os.path.join(HERE, "judge_prompt_reference.txt")  # the task world, reference-guided
+REAL_PROMPT = os.path.join(HERE, "judge_prompt_real.txt")  # real text
+
+
 def load_judge_template(path=None):
-    """The LLM-as-a-Judge template (judge_prompt.txt beside this file unless path is given)."""
+    """The LLM-as-a-Judge template (judge_prompt.txt beside this file unless path is given).
+    A template with a {reference} slot is reference-guided: the judge is shown a reference
+    answer (in the self-rewarding loop: the model's own) above the response."""
     if path is None:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "judge_prompt.txt")
+        path = WORLD_PROMPT
     with open(path, encoding="utf-8") as f:
         template = f.read().strip()
     for slot in ("{instruction}", "{response}"):
@@ -36,11 +44,17 @@ def load_judge_template(path=None):
     return template
 
 
-def fill(template, instruction, response):
+def fill(template, instruction, response, reference=None):
     """Fill the judge template. One regex pass, so braces in the instruction or response
     (even a literal "{response}" inside the instruction) are left exactly as written."""
-    values = {"instruction": instruction, "response": response}
-    return re.sub(r"\{(instruction|response)\}", lambda m: values[m.group(1)], template)
+    if ("{reference}" in template) != (reference is not None):
+        raise ValueError("a reference answer is needed exactly when the template has a {reference} slot")
+    values = {"instruction": instruction, "response": response, "reference": reference}
+    return re.sub(r"\{(instruction|response|reference)\}", lambda m: values[m.group(1)], template)
+
+
+def is_reference_guided(template: str) -> bool:
+    return "{reference}" in template
 
 
 # -----------------------------------------------------------------------------
@@ -91,19 +105,38 @@ class Judgment:
 def score(model: Transformer, tok: Tokenizer, template: str, items: list[tuple[str, str]],
           n_samples: int = 3, temperature: float = 0.7, top_p: float = 0.9,
           max_new_tokens: int = 64, batch_size: int = 64, generator=None,
-          desc: str = "judging", top_k: int = 0) -> list[Judgment]:
+          desc: str = "judging", top_k: int = 0, references: list[str] | None = None,
+          answer_max_new_tokens: int = 48) -> list[Judgment]:
     """Score (instruction, response) pairs with the model as its own judge: the judge prompt
     is sampled n_samples times and the parsable scores are averaged (Self-Rewarding LMs, 3
-    samples). max_new_tokens is the judge's own budget, separate from the prompt length."""
-    prompts = [fill(template, ins, resp) for ins, resp in items]
+    samples). max_new_tokens is the judge's own budget, separate from the prompt length.
+    A reference-guided template needs one reference answer per item: `references`, or else
+    the model's own (reference_answers: it answers each question first, greedily).
+    Identical items are judged once (their judgments are the same random function)."""
+    if is_reference_guided(template) and references is None:
+        references = reference_answers(model, tok, [ins for ins, _ in items], answer_max_new_tokens, batch_size)
+    refs = references if references is not None else [None] * len(items)
+    keys = list(dict.fromkeys(zip(items, refs)))  # distinct (item, reference), first-seen order
+    prompts = [fill(template, ins, resp, ref) for (ins, resp), ref in keys]
     texts = sample_responses(model, tok, prompts, n_samples, temperature, top_p, max_new_tokens,
                              batch_size, generator, desc, top_k=top_k)
-    out = []
-    for t in texts:
+    judged = {}
+    for key, t in zip(keys, texts):
         samples = [parse_score(x) for x in t]
         valid = [s for s in samples if s is not None]
-        out.append(Judgment(sum(valid) / len(valid) if valid else None, samples, t))
-    return out
+        judged[key] = Judgment(sum(valid) / len(valid) if valid else None, samples, t)
+    return [judged[key] for key in zip(items, refs)]
+
+
+def reference_answers(model: Transformer, tok: Tokenizer, instructions: list[str], max_new_tokens: int = 48,
+                      batch_size: int = 64) -> list[str]:
+    """The model's own greedy answer to each instruction: the reference of reference-guided
+    judging (MT-Bench, Zheng et al. 2023: the judge solves the question first, then grades
+    the response against its own solution). Each distinct instruction is answered once."""
+    distinct = list(dict.fromkeys(instructions))
+    answers = sample_responses(model, tok, distinct, 1, 0.0, 1.0, max_new_tokens, batch_size, None, "reference answers")
+    by_instruction = {q: a[0] if a[0] is not None else "" for q, a in zip(distinct, answers)}
+    return [by_instruction[q] for q in instructions]
 
 
 def parse_failure_rate(judgments: list[Judgment]) -> float:

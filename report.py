@@ -23,8 +23,8 @@ import judge
 import tasks
 from checkpoint import load_checkpoint
 from data import read_json, write_json, write_jsonl
-from self_reward import (Config, build_pairs, iter_name, model_name, pair_judges, read_rows)
-from train_utils import get_device
+from self_reward import Config, build_pairs, iter_name, model_name, pair_judges
+from train_utils import get_device, read_rows
 
 
 def world_report(cfg: Config, models: dict[str, str]) -> dict:
@@ -117,7 +117,7 @@ def evaluate_model(cfg: Config, out_dir: str, path: str, eval_tasks, eft_eval, t
     if judge_too:
         result["judge"] = evaluate.judge_eval(model, tok, template, eft_eval, cfg.judge_samples, gen,
                                               cfg.judge_max_new_tokens, cfg.eval_batch_size,
-                                              cfg.temperature, cfg.top_p, cfg.top_k)
+                                              cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_new_tokens)
     result["seconds"] = time.time() - t0
     write_jsonl(os.path.join(out_dir, "eval_responses.jsonl"), [
         {"prompt": t.prompt, "response": r, "points": p, "greedy": gr, "greedy_points": gp}

@@ -40,9 +40,9 @@ import dpo
 import judge
 import sft
 from checkpoint import load_checkpoint
-from data import UserError, read_json, read_jsonl, write_json, write_jsonl
+from data import UserError, write_jsonl
 from sampling import sample_responses
-from train_utils import claim_dir, cli, get_device
+from train_utils import Run, check_run_dir, cli, get_device, stage_seed
 
 
 @dataclass
@@ -206,52 +206,6 @@ def self_rewarding(cfg: Config, source) -> dict[str, str]:
     return models
 
 
-class Run:
-    """The run directory: each step's result is a file under run_dir, written once (atomically);
-    a run started again reads it back instead of recomputing, so a killed run resumes at its
-    last finished step and draws what it drew before (every step's randomness is seeded by its
-    name: `stage_seed`). Seconds per step go to run_dir/times.json."""
-
-    def __init__(self, run_dir: str):
-        self.run_dir = run_dir
-        self.times_path = os.path.join(run_dir, "times.json")
-        self.times = read_json(self.times_path) if os.path.exists(self.times_path) else {}
-
-    def rows(self, name: str, compute, cache: bool = True) -> list[dict]:
-        """run_dir/name (JSONL): compute() -> rows, unless a finished run wrote it before."""
-        path = os.path.join(self.run_dir, name)
-        if not cache or not os.path.exists(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            t0 = time.time()
-            write_jsonl(path, compute())
-            self._timed(name, t0)
-        return read_rows(path)
-
-    def model(self, name: str, train) -> str:
-        """run_dir/name/model: train() -> checkpoint, unless it finished before (time.json). An
-        unfinished training stage (killed mid-way) is redone from its start."""
-        out_dir = os.path.join(self.run_dir, name)
-        done = os.path.join(out_dir, "time.json")
-        if os.path.exists(done):
-            print(f"[{name}] found {out_dir}/model, reusing it")
-            return os.path.join(out_dir, "model")
-        t0 = time.time()
-        path = train()
-        write_json(done, {"seconds": time.time() - t0})
-        self._timed(name, t0)
-        return path
-
-    def _timed(self, name: str, t0: float):
-        self.times[name] = time.time() - t0
-        write_json(self.times_path, self.times)
-
-
-def stage_seed(cfg: Config, *names) -> int:
-    """A seed per stage, so that a stage run again (after a kill) draws what it drew before,
-    whatever ran earlier in the process."""
-    return random.Random("/".join(map(str, (cfg.seed, *names)))).randrange(2 ** 31)
-
-
 # -----------------------------------------------------------------------------
 # The steps of an iteration
 
@@ -281,12 +235,17 @@ def judge_candidates(cfg: Config, chain: str, model_path: str, cands: list[dict]
         model, tok = load_policy(cfg, model_path, device)
         gen = torch.Generator(device).manual_seed(stage_seed(cfg, *seed, "judge"))
         items = [(c["prompt"], x) for c in cands for x in c["candidates"]]
+        refs = None  # a reference-guided judge first answers each prompt itself, greedily
+        if judge.is_reference_guided(source.template):
+            refs = judge.reference_answers(model, tok, [q for q, _ in items], cfg.max_new_tokens, cfg.eval_batch_size)
         js = judge.score(model, tok, source.template, items, cfg.judge_samples, cfg.temperature,
-                         cfg.top_p, cfg.judge_max_new_tokens, cfg.eval_batch_size, gen, "self-judging", top_k=cfg.top_k)
+                         cfg.top_p, cfg.judge_max_new_tokens, cfg.eval_batch_size, gen, "self-judging", top_k=cfg.top_k,
+                         references=refs)
         n = cfg.n_candidates
         return [{"prompt": c["prompt"], "scores": [j.score for j in js[i * n:(i + 1) * n]],
                  "samples": [j.samples for j in js[i * n:(i + 1) * n]],
-                 "texts": [j.texts for j in js[i * n:(i + 1) * n]], "oracle": o}
+                 "texts": [j.texts for j in js[i * n:(i + 1) * n]], "oracle": o,
+                 **({"reference": refs[i * n]} if refs else {})}
                 for i, (c, o) in enumerate(zip(cands, oracle))]
     rng = random.Random(stage_seed(cfg, *seed, "judge"))
     if chain == "noisy":
@@ -395,10 +354,6 @@ def load_policy(cfg: Config, path: str, device):
     return model.eval(), tok
 
 
-def read_rows(path: str) -> list[dict]:
-    return [obj for _, obj in read_jsonl(path)] if os.path.getsize(path) else []
-
-
 def iter_name(chain: str, t: int) -> str:
     """run_dir/iter_1 for the self-judged chain; iter_1_oracle, iter_1_random for ablations."""
     return f"iter_{t}" if chain == "self" else f"iter_{t}_{chain}"
@@ -410,24 +365,6 @@ def model_name(chain: str, t: int) -> str:
 
 # -----------------------------------------------------------------------------
 # Main
-
-
-def check_run_dir(cfg: Config):
-    """Finished stages are reused, so a run_dir holds one configuration only; the run_dir
-    itself may be spelled differently (a trailing slash, a relative path). One run at a time:
-    the run holds run_dir/.lock (train_utils.claim_dir)."""
-    if os.path.exists(cfg.run_dir) and not os.path.isdir(cfg.run_dir):
-        raise UserError(f"--run_dir {cfg.run_dir} is a file")
-    claim_dir(cfg.run_dir, "--run_dir")
-    cfg_path = os.path.join(cfg.run_dir, "config.json")
-    if os.path.exists(cfg_path):
-        old = read_json(cfg_path)
-        changed = {k: (old.get(k), v) for k, v in dataclasses.asdict(cfg).items()
-                   if k not in ("device", "compile", "run_dir") and old.get(k) != v}
-        if changed:
-            raise UserError(f"{cfg.run_dir} holds a run with other settings {changed} (old, new); "
-                            "resume it with the same flags or choose another --run_dir")
-    write_json(cfg_path, dataclasses.asdict(cfg))
 
 
 def run_world(cfg: Config) -> dict:

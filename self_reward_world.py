@@ -20,8 +20,8 @@ import tasks
 from checkpoint import load_checkpoint
 from data import UserError, write_json
 from sampling import generate
-from self_reward import Config, Run, iter_name, load_policy, sft_stage, stage_seed
-from train_utils import get_device
+from self_reward import Config, iter_name, load_policy, sft_stage
+from train_utils import Run, get_device, stage_seed
 
 
 class World:
@@ -41,7 +41,7 @@ class World:
             batch_size=c.pretrain_batch_size, seq_len=c.pretrain_seq_len, lr=c.pretrain_lr,
             min_lr_ratio=0.1, warmup_steps=min(100, c.pretrain_steps // 10),
             eval_every=max(1, c.pretrain_steps // 4), vocab_size=c.vocab_size, dim=c.dim, n_layers=c.n_layers,
-            n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, dropout=0.0))
+            n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, dropout=0.0, judge_prompt=c.judge_prompt))
         return self.m0
 
     def sft(self, run: Run, name: str, eft: bool) -> str:
@@ -54,7 +54,7 @@ class World:
         path = run.model(name, lambda: sft_stage(
             c, name, mode="sft", init=self.m0, n_ift=c.n_ift, n_eft=n_eft, epochs=c.sft_epochs,
             batch_size=c.sft_batch_size, lr=c.sft_lr, min_lr_ratio=0.2, warmup_steps=max(1, int(steps) // 10),
-            eval_every=max(1, int(steps) // 3), **extra))
+            eval_every=max(1, int(steps) // 3), judge_prompt=c.judge_prompt, **extra))
         if not eft:
             self.baseline = path
         return path

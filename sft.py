@@ -106,14 +106,21 @@ def text_corpus(path: str, eval_frac: float) -> tuple[list[str], list[str]]:
 def world_examples(cfg: SFTConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """(train, eval) pairs of (prompt, response): IFT demonstrations and EFT judge examples.
     Eval pairs come from other seeds, so the eval loss is on unseen examples."""
-    template = judge.load_judge_template()
-    fill = lambda triples: [(judge.fill(template, q, r), target) for q, r, target in triples]
     train = tasks.ift_seed(cfg.world_seed + 1, cfg.n_ift)
     evals = tasks.ift_seed(cfg.world_seed + 101, max(16, cfg.n_ift // 10))
     if cfg.n_eft:
-        train += fill(tasks.eft_seed(cfg.world_seed + 2, cfg.n_eft, policy_responses(cfg)))
-        evals += fill(tasks.eft_seed(cfg.world_seed + 102, max(16, cfg.n_eft // 10)))
+        train += eft_examples(cfg, cfg.world_seed + 2, cfg.n_eft, policy_responses(cfg))
+        evals += eft_examples(cfg, cfg.world_seed + 102, max(16, cfg.n_eft // 10))
     return train, evals
+
+
+def eft_examples(cfg: SFTConfig, seed: int, n: int, pool=None) -> list[tuple[str, str]]:
+    """(filled judge prompt, judge target) pairs of the world's EFT data, in --judge_prompt's
+    template (a reference-guided template gets examples with a reference answer)."""
+    template = judge.load_judge_template(cfg.judge_prompt or None)
+    reference = judge.is_reference_guided(template)
+    return [(judge.fill(template, q, r, *ref), target)
+            for q, r, target, *ref in tasks.eft_seed(seed, n, pool, reference=reference)]
 
 
 def policy_responses(cfg: SFTConfig):
@@ -177,6 +184,7 @@ class SFTConfig(RunFlags, OptimFlags):
     n_ift: int = 400  # sft: instruction-following demonstrations
     n_eft: int = 400  # sft: judge demonstrations (0 for the SFT baseline)
     eft_policy: str = ""  # sft: a checkpoint whose own responses (graded by the oracle) make half of the EFT examples
+    judge_prompt: str = ""  # sft: the judge template of the EFT examples; empty: judge_prompt.txt
     # model shape when pretraining from scratch
     vocab_size: int = 1024  # BPE vocabulary, trained on the corpus
     dim: int = 128  # residual stream width
@@ -242,8 +250,7 @@ def main(cfg: SFTConfig) -> str:
         if not cfg.data:
             # the judge's words (rubric, reason lines) must get tokens of their own, or a
             # judge prompt and its answer do not fit the context
-            template = judge.load_judge_template()
-            texts += [judge.fill(template, q, r) + "\n" + target for q, r, target in tasks.eft_seed(cfg.world_seed + 5, 300)]
+            texts += [p + "\n" + target for p, target in eft_examples(cfg, cfg.world_seed + 5, 300)]
         tok = train_tokenizer(texts, cfg.vocab_size)
         model = Transformer(ModelConfig(
             vocab_size=tok.vocab_size, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,

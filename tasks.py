@@ -828,9 +828,38 @@ _KINDS_FOR_SCORE = {
 EFT_SCORES = [0, 0, 1, 2, 3, 4, 5]
 
 
-def eft_seed(seed, n, pool=None, pool_share=0.5):
-    """n (instruction, response, judge target) triples on training tasks; judge.fill puts the
-    instruction and the response into the judge prompt.
+def answer_of(task, response):
+    """The answer a response states, read as the oracle reads it: a tuple of items for list
+    families, a number for number families; None when it states none, or several."""
+    got, several = _find_answer(task, _runs(response or "", SPECS[task.family].kind))
+    if got is None or several:
+        return None
+    if SPECS[task.family].kind == "number":
+        return got[0] if len(got) == 1 else None
+    return tuple(got)
+
+
+def with_answer(task, answer):
+    """The task as if `answer` were its right answer (and render(answer) its gold sentence):
+    what a reference-guided judge grades against when the reference says `answer`."""
+    return Task(task.family, task.prompt, task.args, answer, render(task.family, task.args, answer))
+
+
+def eft_reference(task, rng):
+    """The reference of a reference-guided EFT example: the gold sentence half of the time,
+    else a well-formed wrong answer, as a model's own answer often is. The target is graded
+    against the reference, right or wrong, so the judge learns to compare the response with
+    the reference it is given (what it will be given is its own answer)."""
+    if rng.random() < 0.5:
+        return task
+    answer = answer_of(task, corrupt(task, rng, "partly_wrong"))
+    return task if answer is None else with_answer(task, answer)
+
+
+def eft_seed(seed, n, pool=None, pool_share=0.5, reference=False):
+    """n EFT examples on training tasks: (instruction, response, judge target) triples, or with
+    reference=True (instruction, response, judge target, reference) -- judge.fill puts them
+    into the judge prompt.
 
     Balanced scores: example i gets the target score EFT_SCORES[i % 7] (then the list is
     shuffled), so each score 1..5 appears about n / 7 times and 0 twice as often (most zeros
@@ -841,11 +870,16 @@ def eft_seed(seed, n, pool=None, pool_share=0.5):
     this file's corruptions meets, in the self-rewarding loop, a policy whose mistakes look
     different, and misjudges them; so about pool_share of each score's examples come from the
     pool when it has responses of that score (graded here by the oracle), the rest are
-    corruptions."""
+    corruptions.
+
+    reference: every example carries a reference answer (eft_reference: gold or a well-formed
+    wrong answer) and is graded against it; the judge of the self-rewarding loop is then given
+    the model's own answer as the reference (reference-guided judging, Zheng et al. 2023)."""
     rng = _rng("eft", seed)
     by_score = {s: [] for s in range(6)}
     for task, response in pool or []:
-        by_score[grade(task, response).points].append((task, response))
+        graded = eft_reference(task, rng) if reference else task
+        by_score[grade(graded, response).points].append((graded, response))
     for items in by_score.values():
         rng.shuffle(items)
     out, seen = [], set()
@@ -860,13 +894,16 @@ def eft_seed(seed, n, pool=None, pool_share=0.5):
         if task is None:
             for _ in range(10_000):
                 task = sample_task(rng, split="train")
+                if reference:
+                    task = eft_reference(task, rng)
                 response = corrupt(task, rng, rng.choice(_KINDS_FOR_SCORE[target]))
                 if grade(task, response).points == target and (task.prompt, response) not in seen:
                     break
             else:
                 raise RuntimeError(f"could not sample an EFT example with score {target}")
         seen.add((task.prompt, response))
-        out.append((task.prompt, response, judge_target(task, grade(task, response))))
+        example = (task.prompt, response, judge_target(task, grade(task, response)))
+        out.append(example + (task.gold,) if reference else example)
     rng.shuffle(out)
     return out
 
