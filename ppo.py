@@ -8,7 +8,7 @@ Four models take part (three with --advantage rloo or grpo, which have no V):
   reference  π_ref  the SFT model, frozen: the anchor of the KL penalty
   reward     r      reward.py's model, frozen (or, with --reward oracle, the world's grader)
 
-One step: sample one response per prompt from π (model.generate, temperature T), score it,
+One step: sample one response per prompt from π (sampling.generate, temperature T), score it,
 then a few epochs of clipped PPO updates on that batch. The reward of a response y to prompt x
 is spread over its tokens (InstructGPT eq. 2, written per token as in Ziegler et al. 2019):
 
@@ -67,10 +67,10 @@ Memory: the policy and the value model are trained, so each costs its weights, g
 AdamW moments (16 bytes per parameter in fp32); the reference and the RM cost their weights (4
 bytes per parameter). About 40 bytes per model parameter, ten fp32 copies of the model, before
 activations: 36 MB for the 0.9M-parameter cpu preset, ~40 GB for a 1B model. RLOO and GRPO
-drop the value model: about 24 bytes per parameter (20 with --reward oracle: no RM). Cheaper layouts
-(not implemented, to keep this file plain): a value head on the policy's trunk (one trained
-model fewer, but the two losses then share features and a learning rate), the frozen reference
-and RM in bf16 or on another device.
+drop the value model: about 24 bytes per parameter (20 with --reward oracle: no RM). On CUDA
+the frozen reference and RM are held in bf16 (model.frozen): 2 bytes per parameter each. A
+cheaper layout not implemented, to keep this file plain: a value head on the policy's trunk (one
+trained model fewer, but the two losses then share features and a learning rate).
 
 Output: out_dir/model/ (the policy, HF layout; its trainer_state.pt also holds the value model
 (gae only), its optimizer and β for --resume), out_dir/metrics.jsonl, out_dir/eval.json (SFT vs

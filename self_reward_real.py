@@ -22,8 +22,8 @@ from checkpoint import load_checkpoint
 from data import UserError, load_sft_data, read_json, write_json, write_jsonl
 from report import iteration_metrics, write_report
 from sampling import sample_responses
-from self_reward import Config, Run, check_run_dir, iter_name, model_name, pair_judges, read_rows, self_rewarding, sft_stage
-from train_utils import get_device
+from self_reward import Config, iter_name, model_name, pair_judges, self_rewarding, sft_stage
+from train_utils import Run, check_run_dir, get_device, read_rows
 
 REAL_JUDGE_PROMPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "judge_prompt_real.txt")
 

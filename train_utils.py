@@ -5,9 +5,12 @@ optimiser and its schedule, metrics.
                               one line (`error: ...`, exit 2), a bug keeps its traceback
   - `check_ranges`            refuse out-of-range flags, all at once, by name
   - `get_device`              cuda > mps > cpu, or the named one
-  - `prepare_out_dir`         a run directory: refuse to mix two runs, check --resume
+  - `OutDir`                  a trainer's out_dir: locked while it runs, nothing touched before
+                              the run's checks pass, --resume checked against flags and inputs
   - `configure_optimizer`, `lr_schedule`   AdamW (decay on matrices only), warm-up + linear decay
   - `check_finite`, `log_metrics`          stop at NaN/inf; one JSON line per step
+  - `Run`, `stage_seed`, `check_run_dir`   self_reward.py's run directory: each step's result a
+                              file, reused when a killed run is started again
 (The trainers' resumable checkpoints are in checkpoint.py.)
 """
 
@@ -17,11 +20,13 @@ import dataclasses
 import json
 import math
 import os
+import random
+import time
 from dataclasses import dataclass, fields
 
 import torch
 
-from data import UserError, read_json, write_jsonl
+from data import UserError, read_json, read_jsonl, write_json, write_jsonl
 
 
 # -----------------------------------------------------------------------------
@@ -427,3 +432,75 @@ def digest(path: str) -> str:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()
+
+
+# -----------------------------------------------------------------------------
+# The self-rewarding run directory: every step's result a file, reused on a restart
+
+
+class Run:
+    """The run directory: each step's result is a file under run_dir, written once (atomically);
+    a run started again reads it back instead of recomputing, so a killed run resumes at its
+    last finished step and draws what it drew before (every step's randomness is seeded by its
+    name: `stage_seed`). Seconds per step go to run_dir/times.json."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+        self.times_path = os.path.join(run_dir, "times.json")
+        self.times = read_json(self.times_path) if os.path.exists(self.times_path) else {}
+
+    def rows(self, name: str, compute, cache: bool = True) -> list[dict]:
+        """run_dir/name (JSONL): compute() -> rows, unless a finished run wrote it before."""
+        path = os.path.join(self.run_dir, name)
+        if not cache or not os.path.exists(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            t0 = time.time()
+            write_jsonl(path, compute())
+            self._timed(name, t0)
+        return read_rows(path)
+
+    def model(self, name: str, train) -> str:
+        """run_dir/name/model: train() -> checkpoint, unless it finished before (time.json). An
+        unfinished training stage (killed mid-way) is redone from its start."""
+        out_dir = os.path.join(self.run_dir, name)
+        done = os.path.join(out_dir, "time.json")
+        if os.path.exists(done):
+            print(f"[{name}] found {out_dir}/model, reusing it")
+            return os.path.join(out_dir, "model")
+        t0 = time.time()
+        path = train()
+        write_json(done, {"seconds": time.time() - t0})
+        self._timed(name, t0)
+        return path
+
+    def _timed(self, name: str, t0: float):
+        self.times[name] = time.time() - t0
+        write_json(self.times_path, self.times)
+
+
+def stage_seed(cfg, *names) -> int:
+    """A seed per stage, so that a stage run again (after a kill) draws what it drew before,
+    whatever ran earlier in the process."""
+    return random.Random("/".join(map(str, (cfg.seed, *names)))).randrange(2 ** 31)
+
+
+def read_rows(path: str) -> list[dict]:
+    return [obj for _, obj in read_jsonl(path)] if os.path.getsize(path) else []
+
+
+def check_run_dir(cfg):
+    """Finished stages are reused, so a run_dir holds one configuration only (cfg: a config
+    dataclass with a run_dir field, spelled any way: a trailing slash, a relative path). One
+    run at a time: the run holds run_dir/.lock (claim_dir)."""
+    if os.path.exists(cfg.run_dir) and not os.path.isdir(cfg.run_dir):
+        raise UserError(f"--run_dir {cfg.run_dir} is a file")
+    claim_dir(cfg.run_dir, "--run_dir")
+    cfg_path = os.path.join(cfg.run_dir, "config.json")
+    if os.path.exists(cfg_path):
+        old = read_json(cfg_path)
+        changed = {k: (old.get(k), v) for k, v in dataclasses.asdict(cfg).items()
+                   if k not in ("device", "compile", "run_dir") and old.get(k) != v}
+        if changed:
+            raise UserError(f"{cfg.run_dir} holds a run with other settings {changed} (old, new); "
+                            "resume it with the same flags or choose another --run_dir")
+    write_json(cfg_path, dataclasses.asdict(cfg))

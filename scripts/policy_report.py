@@ -1,4 +1,4 @@
-"""One row of the README's InstructGPT comparison for any trained policy: the same held-out
+"""One row of RESULTS.md's InstructGPT comparison for any trained policy: the same held-out
 world prompts, seed and measures as ppo.py's final report (oracle points, exact-correct rate,
 KL from the SFT model, RM score, pretraining loss), and the paired difference to the SFT model.
 
