@@ -70,6 +70,7 @@ def preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, be
     2024, eq. 1):  loss + α · (-log π(y_w|x) / |y_w|),  |y_w| = chosen_lengths (B,), its
     response tokens with EOS. DPO alone only widens the margin and may lower log π(y_w) with
     log π(y_l), moving mass to responses in neither set; the NLL term holds the chosen one up."""
+    # --- exercise: dpo_loss ---
     h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
     if loss_type == "dpo":
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
@@ -83,6 +84,7 @@ def preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, be
     chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
     rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
     return losses, chosen_rewards, rejected_rewards, nll
+    # --- end exercise ---
 
 
 def batch_stats(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected) -> dict:

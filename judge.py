@@ -76,6 +76,7 @@ SCORE_COLON_RE = re.compile(r"[\s*_]*[:=]")  # "Score:" followed by no number: a
 def parse_score(text: str | None) -> float | None:
     """The judge's final score in [0, 5], or None when there is none. A failure never
     becomes a score."""
+    # --- exercise: parse_score ---
     if not text:
         return None
     verdict = None  # (number, range tail, denominator) of the last statement; "" if unreadable
@@ -93,6 +94,7 @@ def parse_score(text: str | None) -> float | None:
         return None  # "3-5" is no single score; "4/10" is not on our scale
     value = float(number)
     return value if 0.0 <= value <= 5.0 else None
+    # --- end exercise ---
 
 
 @dataclass

@@ -92,9 +92,11 @@ def rope_tables(head_dim: int, max_len: int, theta: float):
 
 def apply_rope(x, cos, sin):
     """x: (B, H, T, hd); cos/sin: (B, 1, T, hd) broadcastable."""
+    # --- exercise: rope ---
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
+    # --- end exercise ---
 
 
 class Attention(nn.Module):
@@ -108,9 +110,11 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0, start=0):
-        """x: (B, T, dim). mask: None (plain causal) or bool (B, 1, T, S), True = may attend.
-        With a cache, the new keys/values are written at columns [start, start+T) and the
-        queries attend to columns [0, start+T)."""
+        """x: (B, T, dim) -> (B, T, dim). mask: None (plain causal) or bool (B, 1, T, S), True =
+        may attend. With a cache, the new keys/values are written at columns [start, start+T)
+        and the queries attend to columns [0, start+T). Query head h reads key/value head
+        h // (n_heads / n_kv_heads); dropout on the attention weights in training only."""
+        # --- exercise: attention ---
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -126,6 +130,7 @@ class Attention(nn.Module):
             enable_gqa=self.n_kv_heads != self.n_heads,  # key head h // (H / H_kv) serves query head h
         )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        # --- end exercise ---
 
 
 class MLP(nn.Module):
@@ -345,10 +350,12 @@ def frozen(model: nn.Module, device) -> nn.Module:
 def token_logprobs(logits, targets, temperature: float = 1.0):
     """log p(targets) under softmax(logits / temperature), in fp32.
     logits (B, T, V), targets (B, T) -> (B, T)."""
+    # --- exercise: logprobs ---
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
     return torch.gather(logits.log_softmax(-1), -1, targets.unsqueeze(-1)).squeeze(-1)
+    # --- end exercise ---
 
 
 def sequence_logprobs(model, input_ids, attention_mask, response_mask, temperature: float = 1.0):
@@ -359,7 +366,9 @@ def sequence_logprobs(model, input_ids, attention_mask, response_mask, temperatu
     Returns per-token log-probs (B, T-1), zero where not in the response: entry t is
     log p(input_ids[:, t+1] | input_ids[:, :t+1]) -- the one-token shift: the logits at
     column t predict the token at column t+1. Sum over T-1 for a sequence log-prob (DPO)."""
+    # --- exercise: logprobs ---
     logits = model(input_ids, attention_mask=attention_mask)
     logp = token_logprobs(logits[:, :-1], input_ids[:, 1:], temperature)
     return logp * response_mask[:, 1:].to(logp.dtype)
+    # --- end exercise ---
 

@@ -105,26 +105,35 @@ from sft import pretrain_loss, text_corpus, world_corpus
 
 
 def masked_mean(x, mask):
+    """Mean of x over the entries where mask is 1 (a scalar); 0 when the mask is empty.
+    x, mask (B, N): padding after EOS must not count."""
+    # --- exercise: masked_stats ---
     return (x * mask).sum() / mask.sum().clamp(min=1)
+    # --- end exercise ---
 
 
 def masked_whiten(x, mask, eps: float = 1e-8):
     """(x - mean) / std with mean and std over the masked-in entries only, 0 elsewhere: padding
-    after EOS must not pull the statistics towards 0."""
+    after EOS must not pull the statistics towards 0. The variance is the plain (biased) mean
+    of squared deviations, and eps is added to it before the square root."""
+    # --- exercise: masked_stats ---
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
     return (x - mean) * torch.rsqrt(var + eps) * mask
+    # --- end exercise ---
 
 
 def per_token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef: float):
     """r_t = -β (log π - log π_ref) on every response token, plus the sequence's score on its
     last token (InstructGPT eq. 2 per token). scores (B,); the rest (B, N).
     Returns rewards (B, N) and the per-token KL estimate (k1) (B, N)."""
+    # --- exercise: kl_reward ---
     kl = (logprobs - ref_logprobs) * mask
     rewards = -kl_coef * kl
     last = mask.sum(-1).long() - 1  # the last response token: EOS, or where max_new_tokens cut it
     rewards[torch.arange(len(scores), device=scores.device), last] += scores
     return rewards, kl
+    # --- end exercise ---
 
 
 def gae(rewards, values, mask, gamma: float, lam: float):
@@ -133,6 +142,7 @@ def gae(rewards, values, mask, gamma: float, lam: float):
     The episode ends at the last response token: V after it is 0 and nothing after it counts.
     rewards, values, mask (B, N) -> advantages, returns = A + V (the value targets), (B, N), 0
     after the end."""
+    # --- exercise: gae ---
     B, N = rewards.shape
     advantages = torch.zeros_like(rewards)
     next_adv = torch.zeros(B, device=rewards.device)
@@ -142,6 +152,7 @@ def gae(rewards, values, mask, gamma: float, lam: float):
         next_adv = (delta + gamma * lam * next_adv) * mask[:, t]
         advantages[:, t] = next_adv
     return advantages, (advantages + values) * mask
+    # --- end exercise ---
 
 
 def rloo_advantages(scores, group_size: int):
@@ -151,9 +162,11 @@ def rloo_advantages(scores, group_size: int):
     The baseline does not depend on y_i, so the policy gradient stays unbiased.
     scores (B,), B = prompts × k, prompt p owning rows p·k .. p·k+k-1 (generate's num_samples
     order) -> (B,) sequence-level advantages."""
+    # --- exercise: group_advantages ---
     r = scores.view(-1, group_size)
     baseline = (r.sum(-1, keepdim=True) - r) / (group_size - 1)
     return (r - baseline).flatten()
+    # --- end exercise ---
 
 
 def grpo_advantages(scores, group_size: int, normalize_std: bool = True, eps: float = 1e-4):
@@ -164,11 +177,13 @@ def grpo_advantages(scores, group_size: int, normalize_std: bool = True, eps: fl
     rewards gets 0, not 0/0. normalize_std=False is Dr. GRPO (Liu et al. 2025): Â_i = r_i -
     mean(r), without the scaling that weights groups of nearly equal rewards up.
     scores (B,) grouped as in rloo_advantages -> (B,)."""
+    # --- exercise: group_advantages ---
     r = scores.view(-1, group_size)
     adv = r - r.mean(-1, keepdim=True)
     if normalize_std:
         adv = adv / (r.std(-1, keepdim=True) + eps)
     return adv.flatten()
+    # --- end exercise ---
 
 
 def k3_kl(logprobs, ref_logprobs, mask):
@@ -196,7 +211,10 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float):
         L = -E_t[ min(ρ_t A_t, clip(ρ_t, 1 - ε, 1 + ε) A_t) ],   ρ_t = π(y_t) / π_old(y_t)
     Once ρ has moved past 1 + ε in the direction A favours (or below 1 - ε against it) the
     clipped term is the smaller and the gradient is 0: one batch cannot push the policy far.
-    All (B, N); the mean is over response tokens. Returns (loss, stats)."""
+    All (B, N); the mean is over response tokens. Returns (loss, stats), stats = floats over
+    the response tokens: clip_frac (share with |ρ - 1| > ε), approx_kl (mean of ρ - 1 - log ρ)
+    and ratio_dev (max |ρ - 1|, which ppo_update checks is 0 on the first minibatch)."""
+    # --- exercise: policy_loss ---
     log_ratio = logprobs - old_logprobs
     ratio = log_ratio.exp()
     losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps))
@@ -208,14 +226,20 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float):
             "ratio_dev": ((ratio - 1).abs() * mask).max().item(),
         }
     return masked_mean(losses, mask), stats
+    # --- end exercise ---
 
 
 def value_loss(values, old_values, returns, mask, clip: float):
     """Clipped value loss (as in OpenAI baselines' PPO2): the larger of the squared errors of the
-    new value and of the new value clipped to old ± clip, so V too moves little per batch."""
+    new value and of the new value clipped to old ± clip, so V too moves little per batch:
+        L_V = ½ E_t[ max((V_t - R_t)², (V_old,t + clip(V_t - V_old,t, -c, c) - R_t)²) ]
+    All (B, N); the mean is over response tokens. Returns (loss, the share of tokens with
+    |V - V_old| > c, a float)."""
+    # --- exercise: value_loss ---
     clipped = old_values + (values - old_values).clamp(-clip, clip)
     losses = torch.max((values - returns) ** 2, (clipped - returns) ** 2)
     return 0.5 * masked_mean(losses, mask), masked_mean(((values - old_values).abs() > clip).float(), mask).item()
+    # --- end exercise ---
 
 
 def explained_variance(values, returns, mask) -> float:
@@ -237,15 +261,23 @@ def responses_per_prompt(cfg: PPOConfig) -> int:
     return 1 if cfg.advantage == "gae" else cfg.group_size
 
 
+def token_entropy(logits, temperature: float = 1.0):
+    """Entropy of the policy at every position, H_t = -Σ_v p_v log p_v with p = softmax(logits / T),
+    in fp32 (logged: PPO that collapses the entropy has stopped exploring).
+    logits (B, N, V) -> (B, N)."""
+    # --- exercise: entropy ---
+    dist = (logits.float() / temperature).log_softmax(-1)
+    return -(dist.exp() * dist).sum(-1)
+    # --- end exercise ---
+
+
 def response_logprobs(model, sequences, attention_mask, prompt_len: int, temperature: float):
     """log π(y_t | x, y_<t) of every response token and the entropy of π there, (B, N) each.
     sequences (B, P+N): left-padded prompts in the first P columns, responses after; the logits
     at column P-1+t predict response token t (the one-token shift), so only those are kept."""
     logits = model(sequences, attention_mask=attention_mask)[:, prompt_len - 1 : -1]  # (B, N, V)
     logp = token_logprobs(logits, sequences[:, prompt_len:], temperature)  # fp32, at the sampling T
-    dist = (logits.float() / temperature).log_softmax(-1)
-    entropy = -(dist.exp() * dist).sum(-1)
-    return logp, entropy
+    return logp, token_entropy(logits, temperature)
 
 
 @torch.no_grad()

@@ -93,11 +93,13 @@ def comparison_loss(rewards, win, lose, group, n_groups: int):
     two of its K responses tie). rewards (R,); win, lose, group (P,). F.logsigmoid, never
     log(sigmoid(.)): the latter is -inf once a margin passes about -100 in fp32.
     Returns (loss, the share of pairs ordered right)."""
+    # --- exercise: bradley_terry ---
     logp = F.logsigmoid(rewards[win] - rewards[lose])  # (P,)
     per_prompt = torch.zeros(n_groups, device=rewards.device).index_add(0, group, logp)
     per_prompt = per_prompt / torch.bincount(group, minlength=n_groups).clamp(min=1)
     accuracy = (rewards[win] > rewards[lose]).float().mean()
     return -per_prompt.mean(), accuracy
+    # --- end exercise ---
 
 
 # -----------------------------------------------------------------------------

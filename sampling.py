@@ -33,8 +33,11 @@ from model import KVCache, ModelConfig, Transformer, autocast, token_logprobs
 
 def filter_logits(logits, top_k: int = 0, top_p: float = 1.0):
     """Set to -inf every logit outside the top-k and outside the nucleus of mass top_p.
-    logits (B, V). top_p keeps the smallest set of most likely tokens whose probability
-    reaches top_p (the token that crosses the threshold is kept)."""
+    logits (B, V). top_k keeps the k largest logits of each row (and any tied with the k-th, as
+    HF does); 0 is off. top_p then keeps the smallest set of most likely tokens, among those
+    top_k kept, whose probability (renormalised over them) reaches top_p: the token that
+    crosses the threshold is kept. Kept logits are returned unchanged."""
+    # --- exercise: top_p ---
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -47,6 +50,7 @@ def filter_logits(logits, top_k: int = 0, top_p: float = 1.0):
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+    # --- end exercise ---
 
 
 @dataclass

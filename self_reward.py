@@ -276,6 +276,7 @@ def build_pairs(responses: list[str], scores: list[float | None], finished: list
       "identical"       the best and worst are the same text (a judge's noise, not a preference)
     A candidate cut off without EOS (finished False) may be the worst, never the best: DPO
     would teach its text followed by an EOS the model never wrote."""
+    # --- exercise: build_pairs ---
     valid = [i for i, s in enumerate(scores) if s is not None]
     if len(valid) < 2:
         return "too few scores"
@@ -290,6 +291,7 @@ def build_pairs(responses: list[str], scores: list[float | None], finished: list
     if responses[best].strip() == responses[worst].strip():
         return "identical"
     return best, worst
+    # --- end exercise ---
 
 
 def preference_pairs(cands: list[dict], judgments: list[dict]) -> list[dict]:

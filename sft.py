@@ -45,9 +45,11 @@ def lm_loss(model, input_ids, attention_mask, loss_mask):
     """Mean next-token cross-entropy over supervised targets.
     The logits at column t predict the token at t+1, so the targets are input_ids[:, 1:] and
     a target counts where loss_mask[:, 1:] is 1 (in SFT: the reply and its EOS)."""
+    # --- exercise: sft_loss ---
     logits = model(input_ids, attention_mask=attention_mask)  # (B, T, V)
     targets = input_ids[:, 1:].masked_fill(loss_mask[:, 1:] == 0, -100)
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+    # --- end exercise ---
 
 
 def pretrain_loss(model, x, y):
