@@ -283,6 +283,23 @@ def read_metrics(out_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def killed_after_step_2_then_resumed(cfg, monkeypatch):
+    """ppo.main(cfg) interrupted right after its step-2 checkpoint, then run again with
+    --resume; returns the resumed run's checkpoint."""
+    real = train_utils.OutDir.save
+
+    def save_then_crash(self, model, tok_, opt, step, *args, **kwargs):
+        real(self, model, tok_, opt, step, *args, **kwargs)
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(train_utils.OutDir, "save", save_then_crash)
+        with pytest.raises(KeyboardInterrupt):
+            ppo.main(cfg)
+    return ppo.main(dataclasses.replace(cfg, resume=True))
+
+
 def test_end_to_end_metrics_and_exact_resume(sft_model, tmp_path, monkeypatch):
     """Every step logs the issue's metrics, eval rows the oracle and the KL from SFT; a run
     stopped after step 2 and resumed ends with the same policy, value model and β (adaptive)
@@ -301,19 +318,7 @@ def test_end_to_end_metrics_and_exact_resume(sft_model, tmp_path, monkeypatch):
     report = json.load(open(tmp_path / "a" / "eval.json"))
     assert report["sft"]["kl_from_sft"] == 0 and "mean_diff_ci" in report["compare"]
 
-    real = train_utils.OutDir.save
-
-    def save_then_crash(self, model, tok_, opt, step, *args, **kwargs):
-        real(self, model, tok_, opt, step, *args, **kwargs)
-        if step == 2:
-            raise KeyboardInterrupt
-
-    cfg_b = ppo_cfg(tmp_path / "b", **kw)
-    with monkeypatch.context() as m:
-        m.setattr(train_utils.OutDir, "save", save_then_crash)
-        with pytest.raises(KeyboardInterrupt):
-            ppo.main(cfg_b)
-    b = ppo.main(dataclasses.replace(cfg_b, resume=True))
+    b = killed_after_step_2_then_resumed(ppo_cfg(tmp_path / "b", **kw), monkeypatch)
     wa, wb = (Transformer.from_pretrained(p).state_dict() for p in (a, b))
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
@@ -562,19 +567,7 @@ def test_rloo_run_against_the_rm_resumes_exactly(sft_model, tmp_path, monkeypatc
     assert all(math.isfinite(r["rm_score"]) and "value_loss" not in r and "kl_loss" not in r for r in rows)
     assert "value_model" not in torch.load(os.path.join(a, "trainer_state.pt"), weights_only=True)
 
-    real = train_utils.OutDir.save
-
-    def save_then_crash(self, model, tok_, opt, step, *args, **kwargs):
-        real(self, model, tok_, opt, step, *args, **kwargs)
-        if step == 2:
-            raise KeyboardInterrupt
-
-    cfg_b = ppo_cfg(tmp_path / "b", **kw)
-    with monkeypatch.context() as m:
-        m.setattr(train_utils.OutDir, "save", save_then_crash)
-        with pytest.raises(KeyboardInterrupt):
-            ppo.main(cfg_b)
-    b = ppo.main(dataclasses.replace(cfg_b, resume=True))
+    b = killed_after_step_2_then_resumed(ppo_cfg(tmp_path / "b", **kw), monkeypatch)
     wa, wb = (Transformer.from_pretrained(p).state_dict() for p in (a, b))
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k

@@ -7,19 +7,7 @@ import torch
 
 import sampling
 from sampling import generate
-from test_model import PAD, make_eos_model, rand_prompts
-
-EOS = 5
-
-
-@pytest.fixture(scope="module")
-def eos_model():
-    return make_eos_model(EOS, bias=2.5, seed=11)
-
-
-@pytest.fixture(scope="module")
-def prompts():
-    return rand_prompts([4, 9, 2, 6, 3, 7], seed=12, low=6)
+from test_model import EOS, PAD, eos_model, prompts  # noqa: F401 (the same fixtures as test_model's generate tests)
 
 
 def assert_same_generation(a, b):
