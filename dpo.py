@@ -35,13 +35,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import tasks
-from data import (Preference, UserError, encode_prompt, encode_response, epoch_batch, load_preference_data,
+from data import (Preference, UserError, encode_prompt, encode_response, load_preference_data,
                   pad_batch, read_jsonl)
 from checkpoint import load_checkpoint
 from model import autocast, frozen, sequence_logprobs
-from train_utils import (OptimFlags, OutDir, RunFlags, SamplingFlags, check_finite, check_ranges, cli,
-                         configure_optimizer, get_device, lr_schedule, optim_ranges, sampling_ranges,
-                         total_steps)
+from train_utils import (OptimFlags, OutDir, RunFlags, SamplingFlags, all_mean, all_sum, check_finite, check_ranges,
+                         check_same_on_all_ranks, cli, configure_optimizer, data_parallel, gather_rows, get_device,
+                         global_batch, init_distributed, is_main, lr_schedule, no_bars, optim_ranges, rank, rank_batch,
+                         sampling_ranges, total_steps, world_size)
 
 
 # -----------------------------------------------------------------------------
@@ -115,8 +116,9 @@ def world_preferences(model, tok, cfg: DPOConfig) -> list[dict]:
     from sampling import sample_responses
 
     rng = random.Random(f"dpo-world/{cfg.world_seed}/{cfg.seed}")
-    gen = torch.Generator(get_device(cfg.device)).manual_seed(cfg.seed)
+    gen = torch.Generator(get_device(cfg.device)).manual_seed(cfg.seed + 1_000_003 * rank())
     batch = [tasks.sample_task(rng, split="train") for _ in range(cfg.world_prompts)]
+    batch = batch[rank()::world_size()]  # under torchrun each rank samples its share; the rows are then shared
     samples, finished = sample_responses(model, tok, [t.prompt for t in batch], 2, cfg.temperature, cfg.top_p,
                                          cfg.max_new_tokens, generator=gen, desc="world pairs", return_finished=True,
                                          top_k=cfg.top_k)
@@ -131,7 +133,8 @@ def world_preferences(model, tok, cfg: DPOConfig) -> list[dict]:
             continue
         (c, pc), (r, pr) = sorted([(a, pa), (b, pb)], key=lambda x: -x[1])
         rows.append({"prompt": task.prompt, "chosen": c, "rejected": r, "points": [pc, pr]})
-    print(f"world pairs: {len(rows)} from {len(batch)} prompts (no pair: {counts})")
+    rows, counts = gather_rows(rows), {k: int(all_sum(v)) for k, v in counts.items()}
+    print(f"world pairs: {len(rows)} from {cfg.world_prompts} prompts (no pair: {counts})")
     if not rows:
         raise UserError(f"--world_prompts {cfg.world_prompts}: no pair (no pair: {counts}); the model's two "
                         "samples always score the same or never end")
@@ -202,7 +205,8 @@ def reference_logps(reference, pairs: list[dict], pad_id: int, device, batch_siz
     holds one model in memory. Stored in the pair dicts as ref_chosen / ref_rejected."""
     was_training = reference.training
     reference.eval()
-    for s in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs", leave=False):
+    for s in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs", leave=False,
+                  disable=no_bars()):
         chunk = pairs[s : s + batch_size]
         ids, mask = pair_batch(chunk, pad_id)
         with autocast(device):
@@ -259,7 +263,7 @@ class DPOConfig(RunFlags, OptimFlags, SamplingFlags):
 
 def main(cfg: DPOConfig) -> str:
     """Train; returns the checkpoint directory."""
-    device = get_device(cfg.device)
+    device = init_distributed(cfg.device)  # get_device, and under torchrun the process group
     torch.manual_seed(cfg.seed)
 
     # data first: a bad file fails here, before a model is loaded or anything is written
@@ -292,11 +296,12 @@ def main(cfg: DPOConfig) -> str:
     eval_pairs = encode_pairs(tok, eval_prefs, max_len, "eval")
     if not train_pairs:
         raise UserError(f"no training pair fits in {max_len} tokens")
-    if cfg.batch_size > len(train_pairs):
-        raise UserError(f"--batch_size {cfg.batch_size} > {len(train_pairs)} training pairs")
+    if cfg.batch_size * world_size() > len(train_pairs):
+        raise UserError(f"--batch_size {cfg.batch_size} x {world_size()} rank(s) > {len(train_pairs)} training pairs")
     max_steps = total_steps(cfg, len(train_pairs))
+    check_same_on_all_ranks("the training pairs", (max_steps, train_pairs))
     print(f"dpo: {len(train_pairs)} train pairs, {len(eval_pairs)} eval pairs; {max_steps} steps "
-          f"of {cfg.batch_size * cfg.grad_accum} pairs ({max_steps * cfg.batch_size * cfg.grad_accum / len(train_pairs):.2f} epochs)")
+          f"of {global_batch(cfg)} pairs ({max_steps * global_batch(cfg) / len(train_pairs):.2f} epochs)")
 
     if cfg.precompute_ref:  # log π_ref once, then only the policy sits in memory
         reference_logps(reference, train_pairs + eval_pairs, tok.pad_id, device)
@@ -348,26 +353,30 @@ def main(cfg: DPOConfig) -> str:
             print(f"nothing to do: the checkpoint is at step {step} of {max_steps}")
             out.close()
             return ckpt_dir
-    train_model = torch.compile(policy) if cfg.compile else policy
+    train_model = data_parallel(policy, device)  # DDP under torchrun; `policy` is saved and evaluated
+    train_model = torch.compile(train_model) if cfg.compile else train_model
 
-    eval_before = evaluate_pairs() if eval_pairs and step == 0 else {}
+    eval_before = evaluate_pairs() if eval_pairs and step == 0 and is_main() else {}
     policy.train()
     start_step = step
-    pbar = tqdm(range(step, max_steps), initial=step, total=max_steps, desc="dpo", dynamic_ncols=True)
+    pbar = tqdm(range(step, max_steps), initial=step, total=max_steps, desc="dpo", dynamic_ncols=True,
+                disable=no_bars())
     t0 = time.time()
     for step in pbar:
-        torch.manual_seed(cfg.seed + step)  # dropout masks: a function of the step, for --resume
+        # dropout masks: a function of the step (for --resume) and of the rank
+        torch.manual_seed(cfg.seed + step + 1_000_003 * rank())
         lr = lr_schedule(step, cfg.lr, cfg.min_lr_ratio, cfg.warmup_steps, max_steps)
         for g in optimizer.param_groups:
             g["lr"] = lr
         stats = {}
-        for k in range(cfg.grad_accum):  # equal-sized micro-batches: a plain mean is exact
-            chunk = [train_pairs[i] for i in epoch_batch(len(train_pairs), cfg.batch_size, cfg.seed,
-                                                          step * cfg.grad_accum + k)]
+        for k in range(cfg.grad_accum):  # equal-sized micro-batches (and ranks): a plain mean is exact
+            chunk = [train_pairs[i] for i in rank_batch(len(train_pairs), cfg.batch_size, cfg.seed,
+                                                         step * cfg.grad_accum + k)]
             losses, s = forward(train_model, chunk)
             (losses.mean() / cfg.grad_accum).backward()
             for key, v in s.items():
                 stats[key] = stats.get(key, 0.0) + v / cfg.grad_accum
+        stats = all_mean(stats)  # the global batch's statistics
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip).item()
         check_finite(step + 1, cfg.out_dir, loss=stats["loss"], grad_norm=grad_norm)
         optimizer.step()
@@ -376,9 +385,10 @@ def main(cfg: DPOConfig) -> str:
         pbar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['reward_accuracy']:.2f}",
                          margin=f"{stats['margin']:.2f}")
         last = step + 1 == max_steps
-        if eval_pairs and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
+        if eval_pairs and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last) and is_main():
             row.update(evaluate_pairs())
-            row["pairs_per_s"] = (step + 1 - start_step) * cfg.batch_size * cfg.grad_accum / (time.time() - t0)
+            row["pairs_per_s"] = ((step + 1 - start_step) * global_batch(cfg)
+                                  / (time.time() - t0))
             tqdm.write(f"step {step + 1}: loss {row['loss']:.4f} eval_loss {row['eval_loss']:.4f} "
                        f"eval reward accuracy {row['eval_reward_accuracy']:.3f} eval margin {row['eval_margin']:.3f} "
                        f"chosen logp {row['eval_chosen_logp']:.2f} rejected logp {row['eval_rejected_logp']:.2f}")
@@ -391,7 +401,7 @@ def main(cfg: DPOConfig) -> str:
               f"{after['eval_reward_accuracy']:.3f}, chosen logp {eval_before['eval_chosen_logp']:.2f} -> "
               f"{after['eval_chosen_logp']:.2f}, rejected logp {eval_before['eval_rejected_logp']:.2f} -> "
               f"{after['eval_rejected_logp']:.2f}")
-    if cfg.world_prompts and cfg.n_eval:
+    if cfg.world_prompts and cfg.n_eval and is_main():
         world_report(cfg, policy, tok, device)
     out.close()
     print(f"saved {ckpt_dir}")

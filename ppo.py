@@ -89,13 +89,14 @@ import torch
 from tqdm import tqdm
 
 import tasks
-from data import UserError, decode_response, encode_documents, encode_prompt, epoch_batch, load_sft_data, stream_batch
+from data import UserError, decode_response, encode_documents, encode_prompt, load_sft_data, stream_batch
 from checkpoint import check_checkpoint_dir, load_checkpoint
 from model import autocast, frozen, token_logprobs
 from sampling import generate
-from train_utils import (OptimFlags, OutDir, RunFlags, SamplingFlags, check_finite, check_ranges, cli,
-                         configure_optimizer, get_device, lr_schedule, optim_ranges, sampling_ranges,
-                         total_steps)
+from train_utils import (OptimFlags, OutDir, RunFlags, SamplingFlags, all_mean, all_sum, check_finite, check_ranges,
+                         check_same_on_all_ranks, cli, configure_optimizer, data_parallel, init_distributed, is_main,
+                         lr_schedule, no_bars, optim_ranges, rank, rank_batch, sampling_ranges, total_steps, unwrap,
+                         world_size)
 from reward import load_reward_model
 from sft import pretrain_loss, text_corpus, world_corpus
 
@@ -112,15 +113,25 @@ def masked_mean(x, mask):
     # --- end exercise ---
 
 
-def masked_whiten(x, mask, eps: float = 1e-8):
+def masked_whiten(x, mask, eps: float = 1e-8, mean_fn=masked_mean):
     """(x - mean) / std with mean and std over the masked-in entries only, 0 elsewhere: padding
     after EOS must not pull the statistics towards 0. The variance is the plain (biased) mean
-    of squared deviations, and eps is added to it before the square root."""
+    of squared deviations, and eps is added to it before the square root. mean_fn: how a mean
+    is taken (all_ranks_masked_mean: over every rank's tokens under torchrun)."""
     # --- exercise: masked_stats ---
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    mean = mean_fn(x, mask)
+    var = mean_fn((x - mean) ** 2, mask)
     return (x - mean) * torch.rsqrt(var + eps) * mask
     # --- end exercise ---
+
+
+def all_ranks_masked_mean(x, mask):
+    """masked_mean over the tokens of every rank under torchrun (masked_mean on one process):
+    PPO whitens its advantages over the whole batch, as one process with all of it would."""
+    if world_size() == 1:
+        return masked_mean(x, mask)
+    sums = all_sum(torch.stack([(x * mask).sum(), mask.sum()]).detach().cpu())
+    return (sums[0] / sums[1].clamp(min=1)).to(device=x.device, dtype=x.dtype)
 
 
 def per_token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef: float):
@@ -288,6 +299,7 @@ def rollout(policy, reference, value_model, prompts: list[list[int]], cfg: PPOCo
     ratio is exactly 1), the reference's log-probs, the values V(s_t) (gae only: value_model is
     None for rloo and grpo) and the entropy. Every tensor is zero after a row's last token
     (response_mask 0: padding after EOS)."""
+    policy, value_model = unwrap(policy), unwrap(value_model)  # sampling and scoring: no DDP sync
     g = generate(policy, prompts, cfg.max_new_tokens, tok.eos_id, tok.pad_id, temperature=cfg.temperature,
                  generator=gen, num_samples=responses_per_prompt(cfg))
     seq, attn = g.sequences, g.attention_mask
@@ -386,7 +398,7 @@ def ppo_step(policy, reference, value_model, policy_opt, value_opt, prompts: lis
     rewards, kl = per_token_rewards(scores, batch["logprobs"], batch["ref_logprobs"], mask, kl_coef)
     if cfg.advantage == "gae":
         advantages, returns = gae(rewards, batch["values"], mask, cfg.gamma, cfg.lam)
-        batch["advantages"], batch["returns"] = masked_whiten(advantages, mask), returns
+        batch["advantages"], batch["returns"] = masked_whiten(advantages, mask, mean_fn=all_ranks_masked_mean), returns
     else:
         if cfg.advantage == "rloo":  # the KL penalty stays in the reward (Ahmadian et al.), summed per response
             seq_adv = rloo_advantages(scores - kl_coef * kl.sum(-1), cfg.group_size)
@@ -590,7 +602,7 @@ def evaluate_policy(policy, reference, reward_model, tok, eval_prompts: list[str
 
 def main(cfg: PPOConfig) -> str:
     """Train; returns the checkpoint directory of the policy."""
-    device = get_device(cfg.device)
+    device = init_distributed(cfg.device)  # get_device, and under torchrun the process group
     torch.manual_seed(cfg.seed)
 
     # flags and data first: a bad file fails here, before a model is loaded or anything is written
@@ -652,7 +664,7 @@ def main(cfg: PPOConfig) -> str:
     models = ["policy"] + (["value"] if critic else []) + ["reference"] + (["RM"] if reward_model is not None else [])
     print(f"policy {policy.num_params() / 1e6:.2f}M parameters; {len(models)} models ({', '.join(models)}"
           f"{'' if reward_model is not None else '; oracle reward'}); advantages {cfg.advantage}, {k} response(s) "
-          f"to each of {cfg.batch_size // k} prompts per step; device {device}")
+          f"to each of {cfg.batch_size // k * world_size()} prompts per step; device {device}")
 
     max_prompt = policy.config.max_seq_len - cfg.max_new_tokens
     if train_prompts is not None:
@@ -660,9 +672,10 @@ def main(cfg: PPOConfig) -> str:
         train_prompts = [(p, ids) for p, ids in encoded if len(ids) <= max_prompt]
         if len(train_prompts) < len(encoded):
             print(f"{cfg.data}: dropped {len(encoded) - len(train_prompts)} prompts longer than {max_prompt} tokens")
-        if len(train_prompts) < cfg.batch_size // k:
-            raise UserError(f"--batch_size {cfg.batch_size} needs {cfg.batch_size // k} prompts per step, more than "
-                            f"the {len(train_prompts)} training prompts")
+        if len(train_prompts) < cfg.batch_size // k * world_size():
+            raise UserError(f"--batch_size {cfg.batch_size} x {world_size()} rank(s) needs "
+                            f"{cfg.batch_size // k * world_size()} prompts per step, more than the "
+                            f"{len(train_prompts)} training prompts")
     stream_eval = encode_documents(tok, corpus_eval) if corpus_eval else None
     stream_train = encode_documents(tok, corpus_train) if cfg.ptx_coef > 0 else None
     for name, s in (("held-out corpus", stream_eval), ("ptx corpus", stream_train)):
@@ -674,13 +687,14 @@ def main(cfg: PPOConfig) -> str:
 
     def prompt_batch(step: int):
         """(token ids, Task or None) of the step's batch_size / k prompts: a pure function of the
-        step. The tasks come repeated k times, one per response (rows p·k .. p·k+k-1)."""
+        step. The tasks come repeated k times, one per response (rows p·k .. p·k+k-1). Under
+        torchrun: this rank's part of the step's prompts."""
         n = cfg.batch_size // k
         if train_prompts is None:  # the world: fresh training prompts every step
             rng = random.Random(f"ppo/{cfg.world_seed}/{cfg.seed}/{step}")
-            batch = [tasks.sample_task(rng, split="train") for _ in range(n)]
+            batch = [tasks.sample_task(rng, split="train") for _ in range(n * world_size())][rank() * n:][:n]
             return [encode_prompt(tok, t.prompt) for t in batch], [t for t in batch for _ in range(k)]
-        chosen = [train_prompts[i] for i in epoch_batch(len(train_prompts), n, cfg.seed, step)]
+        chosen = [train_prompts[i] for i in rank_batch(len(train_prompts), n, cfg.seed, step)]
         return [ids for _, ids in chosen], [tasks.parse_task(p) for p, _ in chosen for _ in range(k)]
 
     out.start()  # data and models checked: from here on the run writes into out_dir
@@ -715,13 +729,20 @@ def main(cfg: PPOConfig) -> str:
         print(f"oracle points of SFT responses to {len(pts)} held-out prompts: mean {oracle_norm[0]:.3f}, "
               f"std {oracle_norm[1]:.3f} (the reward is (points - mean) / std)")
 
+    check_same_on_all_ranks("the step count or the oracle's normalisation", (max_steps, oracle_norm))
+
     def do_eval():
         return evaluate_policy(policy, reference, reward_model, tok, eval_prompts, eval_tasks, cfg, stream_eval, device)
 
-    before = do_eval() if step == 0 else None
+    # DDP under torchrun (`policy` and `value_model` are saved, sampled and evaluated; rank 0 evaluates)
+    train_policy = data_parallel(policy, device)
+    train_value = data_parallel(value_model, device, unused_parameters=not value_model.config.tie_embeddings) \
+        if critic else None
+    before = do_eval() if step == 0 and is_main() else None
     if before:
         tqdm.write("SFT (step 0): " + ", ".join(f"{k} {v:.3f}" for k, v in before.items() if k != "points"))
-    pbar = tqdm(range(step, max_steps), initial=step, total=max_steps, desc="ppo", dynamic_ncols=True)
+    pbar = tqdm(range(step, max_steps), initial=step, total=max_steps, desc="ppo", dynamic_ncols=True,
+                disable=no_bars())
     t0 = time.time()
     for step in pbar:
         frac = lr_schedule(step, 1.0, cfg.min_lr_ratio, cfg.warmup_steps, max_steps)
@@ -730,22 +751,25 @@ def main(cfg: PPOConfig) -> str:
                 g["lr"] = lr * frac
         # every random draw of the step (samples, minibatch order, ptx windows) is a function of
         # the step, so --resume continues exactly where the run stopped
-        sample_gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_033 + step)
+        # (and of the rank: each samples its own responses and ptx windows)
+        sample_gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step + 999_999_937 * rank())
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_033 + step + 999_999_937 * rank())
         prompts, prompt_tasks = prompt_batch(step)
-        stats = ppo_step(policy, reference, value_model, policy_opt, value_opt, prompts,
+        stats = ppo_step(train_policy, reference, train_value, policy_opt, value_opt, prompts,
                          lambda b: score_rollout(b, prompt_tasks, reward_model, tok, cfg, oracle_norm),
                          kl_coef, cfg, tok, sample_gen, gen, stream_train)
+        stats = all_mean(stats)  # the global batch's: every rank then adapts β the same way
         finite = {name: stats[name] for name in ("pg_loss", "value_loss", "policy_grad_norm", "value_grad_norm",
                                                  "kl_loss") if name in stats}
         check_finite(step + 1, cfg.out_dir, **finite)
         if cfg.kl_target > 0:
-            kl_coef = update_kl_coef(kl_coef, stats["kl"], cfg.batch_size, cfg.kl_target, cfg.kl_horizon)
+            kl_coef = update_kl_coef(kl_coef, stats["kl"], cfg.batch_size * world_size(), cfg.kl_target,
+                                     cfg.kl_horizon)
         row = {"step": step + 1, **stats, "lr": cfg.lr * frac, "elapsed_s": time.time() - t0}
         pbar.set_postfix({k: f"{stats[k]:.2f}" for k in ("score", "rm_score", "oracle", "kl", "clip_frac")
                           if k in stats})
         last = step + 1 == max_steps
-        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
+        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last) and is_main():
             e = do_eval()
             row.update({f"eval_{k}": v for k, v in e.items() if k != "points"})
             tqdm.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in e.items() if k != "points"))
@@ -755,7 +779,7 @@ def main(cfg: PPOConfig) -> str:
                             if critic else {})  # rloo, grpo: nothing of a value model is saved
             out.save(policy, tok, policy_opt, step + 1, extra_state={
                 **critic_state, "kl_coef": kl_coef, "oracle_norm": oracle_norm})
-    if eval_tasks:
+    if eval_tasks and is_main():
         final_report(cfg, policy, reference, reward_model, tok, eval_prompts, eval_tasks, stream_eval, device,
                      before, time.time() - t0, peak_memory_mb(device))
     out.close()

@@ -74,13 +74,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import tasks
-from data import (Comparison, UserError, comparison_rows, encode_prompt, encode_response, epoch_batch,
-                  from_scores, load_comparisons, pad_batch, ranked_comparison, read_json, read_jsonl, write_json)
+from data import (Comparison, UserError, comparison_rows, encode_prompt, encode_response, from_scores,
+                  load_comparisons, pad_batch, ranked_comparison, read_json, read_jsonl, write_json)
 from checkpoint import check_checkpoint_dir, load_checkpoint
 from model import Transformer, autocast
-from train_utils import (OptimFlags, OutDir, RunFlags, SamplingFlags, check_finite, check_ranges, cli,
-                         configure_optimizer, get_device, lr_schedule, optim_ranges, sampling_ranges,
-                         total_steps)
+from train_utils import (OptimFlags, OutDir, RunFlags, SamplingFlags, all_mean, check_finite, check_ranges,
+                         check_same_on_all_ranks, cli, configure_optimizer, data_parallel, global_batch,
+                         init_distributed, is_main, lr_schedule, no_bars, optim_ranges, rank, rank_batch,
+                         sampling_ranges, total_steps, world_size)
 
 
 # -----------------------------------------------------------------------------
@@ -367,7 +368,7 @@ def main(cfg: RewardConfig) -> str:
     """Train; returns the checkpoint directory."""
     from sampling import sample_responses
 
-    device = get_device(cfg.device)
+    device = init_distributed(cfg.device)  # get_device, and under torchrun the process group
     torch.manual_seed(cfg.seed)
 
     # data first: a bad file fails here, before a model is loaded or anything is written
@@ -393,7 +394,8 @@ def main(cfg: RewardConfig) -> str:
         n_eval = int(len(comps) * cfg.eval_frac) if len(comps) >= 20 else 0
         eval_comps, train_comps = [comps[i] for i in order[:n_eval]], [comps[i] for i in order[n_eval:]]
     # what the SFT model samples (the world's comparisons, the normalisation set) is sampled once,
-    # up front, and written down: a --resume reads it back
+    # up front, and written down: a --resume reads it back. Under torchrun every rank samples
+    # the same (same seed), so all hold the same comparisons and take their parts of each batch.
     world_file, eval_file = (os.path.join(cfg.out_dir, f) for f in ("comparisons.jsonl", "eval_comparisons.jsonl"))
     norm_file = os.path.join(cfg.out_dir, "norm_responses.jsonl")
     if cfg.resume and os.path.exists(norm_file):
@@ -441,12 +443,14 @@ def main(cfg: RewardConfig) -> str:
     evals = encode_comparisons(tok, eval_comps, max_len, "eval")
     norm_seqs = [encode_prompt(tok, r["prompt"]) + encode_response(tok, r["response"]) for r in norm_rows]
     norm_seqs = [s for s in norm_seqs if len(s) <= max_len]
-    if cfg.batch_size > len(train):
-        raise UserError(f"--batch_size {cfg.batch_size} > {len(train)} training prompts with comparisons")
+    if cfg.batch_size * world_size() > len(train):
+        raise UserError(f"--batch_size {cfg.batch_size} x {world_size()} rank(s) > {len(train)} training prompts "
+                        "with comparisons")
     max_steps = total_steps(cfg, len(train))
+    check_same_on_all_ranks("the comparisons or the normalisation set", (max_steps, train, norm_seqs))
     print(f"reward model: {rm.num_params() / 1e6:.2f}M parameters, device {device}; {len(train)} prompts, "
-          f"{sum(len(c['pairs']) for c in train)} pairs; {max_steps} steps of {cfg.batch_size * cfg.grad_accum} "
-          f"prompts ({max_steps * cfg.batch_size * cfg.grad_accum / len(train):.2f} epochs)")
+          f"{sum(len(c['pairs']) for c in train)} pairs; {max_steps} steps of {global_batch(cfg)} "
+          f"prompts ({max_steps * global_batch(cfg) / len(train):.2f} epochs)")
 
     out.start()  # data and models checked: from here on the run writes into out_dir
     optimizer = configure_optimizer(rm, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2), device)
@@ -465,25 +469,33 @@ def main(cfg: RewardConfig) -> str:
         rm.train()
         return {"eval_loss": e["loss"], "eval_accuracy": e["pairwise_accuracy"]}
 
+    # DDP under torchrun; `rm` itself is saved and evaluated
+    train_rm = data_parallel(rm, device, unused_parameters=not rm.config.tie_embeddings)
     rm.train()
     start_step = step
-    pbar = tqdm(range(step, max_steps), initial=step, total=max_steps, desc="reward model", dynamic_ncols=True)
+    pbar = tqdm(range(step, max_steps), initial=step, total=max_steps, desc="reward model", dynamic_ncols=True,
+                disable=no_bars())
     t0 = time.time()
     for step in pbar:
-        torch.manual_seed(cfg.seed + step)  # dropout masks: a function of the step, for --resume
+        # dropout masks: a function of the step (for --resume) and of the rank
+        torch.manual_seed(cfg.seed + step + 1_000_003 * rank())
         lr = lr_schedule(step, cfg.lr, cfg.min_lr_ratio, cfg.warmup_steps, max_steps)
         for g in optimizer.param_groups:
             g["lr"] = lr
         loss = accuracy = 0.0
-        for k in range(cfg.grad_accum):  # equal numbers of prompts per micro-batch: a plain mean is exact
-            chunk = [train[i] for i in epoch_batch(len(train), cfg.batch_size, cfg.seed, step * cfg.grad_accum + k)]
+        for k in range(cfg.grad_accum):  # equal numbers of prompts per micro-batch (and rank): a plain mean is exact
+            chunk = [train[i] for i in rank_batch(len(train), cfg.batch_size, cfg.seed, step * cfg.grad_accum + k)]
             ids, attn, win, lose, group = (t.to(device) for t in comparison_batch(chunk, tok.pad_id))
             with autocast(device):
-                rewards = rm.reward(ids, attn).float()  # (R,): the K responses of every prompt in one forward
+                values = train_rm(ids, attn)  # (R, T), through forward: DDP syncs only what forward made
+            # (R,): r(x, y) of the K responses of every prompt, read at each one's last token (RewardModel.reward)
+            rewards = values[torch.arange(len(values), device=device), last_token_index(attn)].float()
             l, acc = comparison_loss(rewards, win, lose, group, len(chunk))
             (l / cfg.grad_accum).backward()
             loss += l.item() / cfg.grad_accum
             accuracy += acc.item() / cfg.grad_accum
+        both = all_mean({"loss": loss, "accuracy": accuracy})  # the global batch's
+        loss, accuracy = both["loss"], both["accuracy"]
         grad_norm = torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip).item()
         check_finite(step + 1, cfg.out_dir, loss=loss, grad_norm=grad_norm)
         optimizer.step()
@@ -491,13 +503,14 @@ def main(cfg: RewardConfig) -> str:
         row = {"step": step + 1, "loss": loss, "accuracy": accuracy, "grad_norm": grad_norm, "lr": lr}
         pbar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.2f}")
         last = step + 1 == max_steps
-        if evals and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
+        if evals and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last) and is_main():
             row.update(evaluate_held_out())
-            row["prompts_per_s"] = (step + 1 - start_step) * cfg.batch_size * cfg.grad_accum / (time.time() - t0)
+            row["prompts_per_s"] = ((step + 1 - start_step) * global_batch(cfg)
+                                    / (time.time() - t0))
             tqdm.write(f"step {step + 1}: loss {loss:.4f} eval_loss {row['eval_loss']:.4f} "
                        f"held-out pairwise accuracy {row['eval_accuracy']:.3f}")
         out.log(row)
-        if last:
+        if last and is_main():
             rm.eval()
             norm = fit_normalisation(rm, norm_seqs, tok.pad_id, device)
             print(f"normalised on {norm['n']} SFT responses to held-out prompts: raw mean {norm['raw_mean']:.3f}, "

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from data import Tokenizer, UserError, decode_response, encode_prompt, pad_batch
 from model import KVCache, ModelConfig, Transformer, autocast, token_logprobs
+from train_utils import no_bars
 
 
 # -----------------------------------------------------------------------------
@@ -405,7 +406,8 @@ def sample_responses(model: Transformer, tok: Tokenizer, prompts: list[str], n: 
     per_batch = max(1, batch_size // n)
     out: list[list] = [[None] * n for _ in prompts]
     ended: list[list] = [[False] * n for _ in prompts]
-    for s in tqdm(range(0, len(todo), per_batch), desc=desc, leave=False, disable=len(todo) <= per_batch):
+    quiet = len(todo) <= per_batch or no_bars()  # one batch, not rank 0, or TQDM_DISABLE: no bar
+    for s in tqdm(range(0, len(todo), per_batch), desc=desc, leave=False, disable=quiet):
         chunk = todo[s : s + per_batch]
         g = generate(model, [encoded[i] for i in chunk], max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
                      temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, num_samples=n,

@@ -70,6 +70,7 @@ class Config:
     # M1 / SFT baseline
     n_ift: int = 400  # IFT seed size (the paper: 3,200 Open Assistant examples)
     n_eft: int = 1200  # EFT train size (the paper: 1,775)
+    eft_group: int = 1  # responses per EFT question (1: the paper's); > 1: one question, several responses of different scores
     sft_epochs: float = 12.0  # passes over the SFT data, baseline and M1 alike; at 4, M1 learns the judge's format, not to judge
     sft_batch_size: int = 32
     sft_lr: float = 5e-4
@@ -127,6 +128,7 @@ class Config:
             "pretrain_batch_size": (c.pretrain_batch_size >= 1, ">= 1"),
             "pretrain_seq_len": (2 <= c.pretrain_seq_len <= c.max_seq_len, "in 2..--max_seq_len"),
             "pretrain_lr": (c.pretrain_lr > 0, "> 0"), "n_ift": (c.n_ift >= 1, ">= 1"), "n_eft": (c.n_eft >= 0, ">= 0"),
+            "eft_group": (1 <= c.eft_group <= 6, "in 1..6"),
             "sft_epochs": (c.sft_epochs > 0, "> 0"), "sft_batch_size": (c.sft_batch_size >= 1, ">= 1"),
             "sft_lr": (c.sft_lr > 0, "> 0"), "dropout": (0 <= c.dropout < 1, "in [0, 1)"),
             "n_prompts": (c.n_prompts >= 1, ">= 1"), "few_shot": (c.few_shot >= 1, ">= 1"),
@@ -385,6 +387,9 @@ def main(cfg: Config):
     import report
 
     t_start = time.time()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("self_reward.py runs its stages in one process (its sampling and judging are not sharded); "
+                        "run the training stages it prints ([M1] python sft.py ..., dpo.py ...) under torchrun instead")
     get_device(cfg.device)  # a missing device is reported before anything is written
     if cfg.init:
         import self_reward_real

@@ -50,7 +50,7 @@ class World:
         c = self.cfg
         n_eft = c.n_eft if eft else 0
         steps = c.sft_epochs * (c.n_ift + n_eft) / c.sft_batch_size  # about; sft.py counts exactly
-        extra = dict(eft_policy=self.baseline) if eft else dict(show_example=False)
+        extra = dict(eft_policy=self.baseline, eft_group=c.eft_group) if eft else dict(show_example=False)
         path = run.model(name, lambda: sft_stage(
             c, name, mode="sft", init=self.m0, n_ift=c.n_ift, n_eft=n_eft, epochs=c.sft_epochs,
             batch_size=c.sft_batch_size, lr=c.sft_lr, min_lr_ratio=0.2, warmup_steps=max(1, int(steps) // 10),

@@ -29,12 +29,13 @@ from tqdm import tqdm
 
 import judge
 import tasks
-from data import (Tokenizer, UserError, encode_chat, encode_documents, epoch_batch, load_sft_data, pad_batch,
+from data import (Tokenizer, UserError, encode_chat, encode_documents, load_sft_data, pad_batch,
                   show_supervision, stream_batch, train_tokenizer)
 from checkpoint import load_checkpoint
 from model import ModelConfig, Transformer, autocast
-from train_utils import (OptimFlags, OutDir, RunFlags, check_finite, check_ranges, cli, configure_optimizer,
-                         get_device, lr_schedule, optim_ranges, total_steps)
+from train_utils import (OptimFlags, OutDir, RunFlags, all_sum, check_finite, check_ranges, check_same_on_all_ranks,
+                         cli, configure_optimizer, data_parallel, get_device, global_batch, init_distributed, is_main,
+                         lr_schedule, no_bars, optim_ranges, rank, rank_batch, total_steps, world_size)
 
 
 # -----------------------------------------------------------------------------
@@ -65,18 +66,21 @@ def backward(model, batches, device) -> float:
 
     Gradient accumulation: the step's loss is the mean over ALL its targets, so each
     micro-batch counts by its share of them. (In SFT replies differ in length; a plain mean
-    of micro-batch means would make batch 1 x accum 2 differ from batch 2 x accum 1.)"""
+    of micro-batch means would make batch 1 x accum 2 differ from batch 2 x accum 1.) Under
+    torchrun the share is of all ranks' targets, and DDP's mean over the N ranks is undone by
+    x N: N ranks x batch b take the step one process takes with batch N·b."""
     counts = [y.numel() if m is None else int(m[:, 1:].sum()) for x, y, m in batches]
+    n_all, ranks = all_sum(sum(counts)), world_size()
     total = 0.0
     for (x, y, m), n in zip(batches, counts):
-        if n == 0:
+        if n == 0:  # never in SFT (a reply's EOS is supervised); under torchrun a skip would hang the other ranks
             continue
         with autocast(device):
             loss = pretrain_loss(model, x, y) if m is None else lm_loss(model, x, None, m)
-        weight = n / sum(counts)
+        weight = n * ranks / n_all
         (loss * weight).backward()
-        total += loss.item() * weight
-    return total
+        total += loss.item() * (weight / ranks)
+    return all_sum(total)
 
 
 # -----------------------------------------------------------------------------
@@ -122,7 +126,7 @@ def eft_examples(cfg: SFTConfig, seed: int, n: int, pool=None) -> list[tuple[str
     template = judge.load_judge_template(cfg.judge_prompt or None)
     reference = judge.is_reference_guided(template)
     return [(judge.fill(template, q, r, *ref), target)
-            for q, r, target, *ref in tasks.eft_seed(seed, n, pool, reference=reference)]
+            for q, r, target, *ref in tasks.eft_seed(seed, n, pool, reference=reference, group=cfg.eft_group)]
 
 
 def policy_responses(cfg: SFTConfig):
@@ -162,8 +166,9 @@ def encode_examples(tok: Tokenizer, pairs, max_len: int, what: str, required: bo
 
 
 def sft_batch(examples, batch_size: int, seed: int, i: int, pad_id: int):
-    """The i-th batch of shuffled, right-padded examples (see data.epoch_batch)."""
-    chunk = [examples[k] for k in epoch_batch(len(examples), batch_size, seed, i)]
+    """The i-th batch of shuffled, right-padded examples (see data.epoch_batch; under torchrun
+    this rank's part of the global batch, train_utils.rank_batch)."""
+    chunk = [examples[k] for k in rank_batch(len(examples), batch_size, seed, i)]
     return pad_batch([c[0] for c in chunk], pad_id, "right", [c[1] for c in chunk])
 
 
@@ -187,6 +192,7 @@ class SFTConfig(RunFlags, OptimFlags):
     n_eft: int = 400  # sft: judge demonstrations (0 for the SFT baseline)
     eft_policy: str = ""  # sft: a checkpoint whose own responses (graded by the oracle) make half of the EFT examples
     judge_prompt: str = ""  # sft: the judge template of the EFT examples; empty: judge_prompt.txt
+    eft_group: int = 1  # sft: responses per EFT question; > 1: one question with several responses of different scores
     # model shape when pretraining from scratch
     vocab_size: int = 1024  # BPE vocabulary, trained on the corpus
     dim: int = 128  # residual stream width
@@ -213,7 +219,7 @@ class SFTConfig(RunFlags, OptimFlags):
             "mode": (c.mode in ("pretrain", "sft"), "pretrain or sft"), "seq_len": (c.seq_len >= 2, ">= 2"),
             "eval_frac": (0 <= c.eval_frac < 1, "in [0, 1)"), "eval_batches": (c.eval_batches >= 1, ">= 1"),
             "corpus_docs": (c.corpus_docs >= 2, ">= 2"), "n_ift": (c.n_ift >= 1, ">= 1"),
-            "n_eft": (c.n_eft >= 0, ">= 0"),
+            "n_eft": (c.n_eft >= 0, ">= 0"), "eft_group": (1 <= c.eft_group <= 6, "in 1..6"),
             "vocab_size": (c.vocab_size >= 260, ">= 260: 256 bytes and 4 special tokens"),
             "dim": (c.dim >= 1 and c.dim % c.n_heads == 0, "a multiple of --n_heads"),
             "n_heads": (c.n_heads >= 1 and c.n_heads % max(1, c.n_kv_heads) == 0, "a multiple of --n_kv_heads"),
@@ -228,7 +234,7 @@ class SFTConfig(RunFlags, OptimFlags):
 
 def main(cfg: SFTConfig) -> str:
     """Train; returns the checkpoint directory."""
-    device = get_device(cfg.device)
+    device = init_distributed(cfg.device)  # get_device, and under torchrun the process group
     torch.manual_seed(cfg.seed)
 
     # data first: a bad file fails here, before any model is built or anything is written
@@ -271,8 +277,9 @@ def main(cfg: SFTConfig) -> str:
         if len(eval_stream) <= cfg.seq_len + 1:
             eval_stream = train_stream  # tiny user corpora: evaluate on training text
         max_steps = total_steps(cfg, len(train_stream) // cfg.seq_len)  # an epoch: every token once, in windows
+        check_same_on_all_ranks("the tokenized corpus", (max_steps, len(train_stream), tok.vocab_size))
         print(f"corpus: {len(train_docs)} documents, {len(train_stream)} tokens (eval {len(eval_stream)}); "
-              f"{max_steps} steps of {cfg.batch_size * cfg.grad_accum} windows of {cfg.seq_len} tokens")
+              f"{max_steps} steps of {global_batch(cfg)} windows of {cfg.seq_len} tokens")
     else:
         max_len = model.config.max_seq_len
         train_ex = encode_examples(tok, train_pairs, max_len, "train")
@@ -280,12 +287,14 @@ def main(cfg: SFTConfig) -> str:
         if not eval_ex:
             print("eval: no held-out example fits the context; the eval loss uses training examples")
             eval_ex = train_ex[: cfg.batch_size]
-        if cfg.batch_size > len(train_ex):
-            raise UserError(f"--batch_size {cfg.batch_size} > {len(train_ex)} training examples")
+        if cfg.batch_size * world_size() > len(train_ex):
+            raise UserError(f"--batch_size {cfg.batch_size} x {world_size()} rank(s) > {len(train_ex)} "
+                            "training examples")
         max_steps = total_steps(cfg, len(train_ex))
+        check_same_on_all_ranks("the training examples", (max_steps, train_ex))
         n_sup = sum(sum(m) for _, m in train_ex)
         print(f"sft: {len(train_ex)} examples, {n_sup} supervised tokens; {max_steps} steps of "
-              f"{cfg.batch_size * cfg.grad_accum} ({max_steps * cfg.batch_size * cfg.grad_accum / len(train_ex):.1f} epochs)")
+              f"{global_batch(cfg)} ({max_steps * global_batch(cfg) / len(train_ex):.1f} epochs)")
         if cfg.show_example:
             print("one example, the unsupervised part in ⟦ ⟧:\n" + show_supervision(tok, *train_ex[0]))
 
@@ -299,7 +308,8 @@ def main(cfg: SFTConfig) -> str:
             print(f"nothing to do: the checkpoint is at step {step} of {max_steps}")
             out.close()
             return ckpt_dir
-    train_model = torch.compile(model) if cfg.compile else model
+    train_model = data_parallel(model, device)  # DDP under torchrun; `model` is saved and evaluated
+    train_model = torch.compile(train_model) if cfg.compile else train_model
 
     def micro_batches(step):
         """The grad_accum micro-batches of an optimizer step, a pure function of the step
@@ -309,8 +319,9 @@ def main(cfg: SFTConfig) -> str:
             i = step * cfg.grad_accum + k
             if cfg.mode == "pretrain":
                 gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
-                x, y = stream_batch(train_stream, cfg.batch_size, cfg.seq_len, gen)
-                out.append((x.to(device), y.to(device), None))
+                x, y = stream_batch(train_stream, cfg.batch_size * world_size(), cfg.seq_len, gen)
+                part = slice(rank() * cfg.batch_size, (rank() + 1) * cfg.batch_size)  # this rank's windows
+                out.append((x[part].to(device), y[part].to(device), None))
             else:
                 ids, _, loss_mask = sft_batch(train_ex, cfg.batch_size, cfg.seed, i, tok.pad_id)
                 # right padding: plain causal attention is exact for the real tokens
@@ -337,16 +348,18 @@ def main(cfg: SFTConfig) -> str:
         return sum(losses) / len(losses)
 
     model.train()
-    pbar = tqdm(range(step, max_steps), initial=step, total=max_steps, desc=cfg.mode, dynamic_ncols=True)
+    pbar = tqdm(range(step, max_steps), initial=step, total=max_steps, desc=cfg.mode, dynamic_ncols=True,
+                disable=no_bars())
     t0, tokens = time.time(), 0
     for step in pbar:
-        torch.manual_seed(cfg.seed + step)  # dropout masks: a function of the step, for --resume
+        # dropout masks: a function of the step (for --resume) and of the rank
+        torch.manual_seed(cfg.seed + step + 1_000_003 * rank())
         lr = lr_schedule(step, cfg.lr, cfg.min_lr_ratio, cfg.warmup_steps, max_steps)
         for g in optimizer.param_groups:
             g["lr"] = lr
         batches = micro_batches(step)
         total = backward(train_model, batches, device)
-        tokens += sum(a.numel() for a, _, _ in batches)
+        tokens += sum(a.numel() for a, _, _ in batches) * world_size()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
         check_finite(step + 1, cfg.out_dir, loss=total, grad_norm=grad_norm)
         optimizer.step()
@@ -354,7 +367,7 @@ def main(cfg: SFTConfig) -> str:
         pbar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}")
         row = {"step": step + 1, "loss": total, "lr": lr, "grad_norm": grad_norm}
         last = step + 1 == max_steps
-        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
+        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last) and is_main():
             row["eval_loss"] = evaluate()
             check_finite(step + 1, cfg.out_dir, eval_loss=row["eval_loss"])
             row["tokens_per_s"] = tokens / (time.time() - t0)

@@ -856,7 +856,7 @@ def eft_reference(task, rng):
     return task if answer is None else with_answer(task, answer)
 
 
-def eft_seed(seed, n, pool=None, pool_share=0.5, reference=False):
+def eft_seed(seed, n, pool=None, pool_share=0.5, reference=False, group=1):
     """n EFT examples on training tasks: (instruction, response, judge target) triples, or with
     reference=True (instruction, response, judge target, reference) -- judge.fill puts them
     into the judge prompt.
@@ -874,7 +874,14 @@ def eft_seed(seed, n, pool=None, pool_share=0.5, reference=False):
 
     reference: every example carries a reference answer (eft_reference: gold or a well-formed
     wrong answer) and is graded against it; the judge of the self-rewarding loop is then given
-    the model's own answer as the reference (reference-guided judging, Zheng et al. 2023)."""
+    the model's own answer as the reference (reference-guided judging, Zheng et al. 2023).
+
+    group: responses per question. 1: every example is a different question, and a judge can
+    lower its loss by guessing the findings from the question alone (issue 17 found M1 doing
+    exactly that). g > 1: eft_groups -- each question comes with up to g responses of
+    different scores, so only reading the response lowers the loss."""
+    if group > 1:
+        return eft_groups(seed, n, group, pool, pool_share, reference)
     rng = _rng("eft", seed)
     by_score = {s: [] for s in range(6)}
     for task, response in pool or []:
@@ -904,6 +911,60 @@ def eft_seed(seed, n, pool=None, pool_share=0.5, reference=False):
         seen.add((task.prompt, response))
         example = (task.prompt, response, judge_target(task, grade(task, response)))
         out.append(example + (task.gold,) if reference else example)
+    rng.shuffle(out)
+    return out
+
+
+def eft_groups(seed, n, group, pool=None, pool_share=0.5, reference=False):
+    """n EFT examples in groups: one training question with up to `group` responses that earn
+    different scores -- the gold, its near misses (one item swapped, dropped or off by one),
+    answers of the wrong kind, and with `pool` the policy's own samples of that question when
+    they have a score the group needs. The target scores come in turn from EFT_SCORES, as in
+    eft_seed, so the mix stays balanced: a score the group already has (but a second zero in a
+    group of 4 or more), or that this question cannot reach, waits for the next group. Each
+    question is used once. Returns what eft_seed
+    returns, shuffled, so a group is spread over batches."""
+    rng = _rng("eft-groups", seed)
+    own = {}  # prompt -> (task, the policy's distinct responses, in order)
+    for task, response in pool or []:
+        rs = own.setdefault(task.prompt, (task, []))[1]
+        if response not in rs:
+            rs.append(response)
+    pooled = list(own.values())
+    rng.shuffle(pooled)
+    out, used, queue, i = [], set(), [], 0
+    while len(out) < n:
+        if pooled and rng.random() < pool_share:
+            task, mine = pooled.pop()
+        else:
+            task, mine = sample_task(rng, split="train"), []
+        if task.prompt in used:
+            continue
+        used.add(task.prompt)
+        graded = eft_reference(task, rng) if reference else task
+        while len(queue) < group + len(EFT_SCORES):
+            queue.append(EFT_SCORES[i % len(EFT_SCORES)])
+            i += 1
+        responses, scores = [], set()
+        for j, target in enumerate(queue):
+            if len(responses) == group:
+                break
+            if target in scores and not (target == 0 and group >= 4 and len(scores) >= 2):
+                continue  # (a big group may hold two wrong answers: there are many ways to be wrong)
+            response = next((r for r in mine if grade(graded, r).points == target and r not in responses), None)
+            for _ in range(0 if response else 50):
+                r = corrupt(graded, rng, rng.choice(_KINDS_FOR_SCORE[target]))
+                if grade(graded, r).points == target:
+                    response = r
+                    break
+            if response is not None and response not in responses:
+                responses.append(response)
+                scores.add(target)
+                queue[j] = None  # served
+        queue = [t for t in queue if t is not None]
+        for response in responses[:n - len(out)]:
+            example = (graded.prompt, response, judge_target(graded, grade(graded, response)))
+            out.append(example + (graded.gold,) if reference else example)
     rng.shuffle(out)
     return out
 

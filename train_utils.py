@@ -5,6 +5,8 @@ optimiser and its schedule, metrics.
                               one line (`error: ...`, exit 2), a bug keeps its traceback
   - `check_ranges`            refuse out-of-range flags, all at once, by name
   - `get_device`              cuda > mps > cpu, or the named one
+  - `init_distributed`, `data_parallel`, `rank_batch`, `all_sum`, `all_mean`   torchrun: DDP,
+                              each rank's share of a batch, statistics over all ranks
   - `OutDir`                  a trainer's out_dir: locked while it runs, nothing touched before
                               the run's checks pass, --resume checked against flags and inputs
   - `configure_optimizer`, `lr_schedule`   AdamW (decay on matrices only), warm-up + linear decay
@@ -173,7 +175,9 @@ def cli(main, cls, description: str = "", defaults=None):
     import sys
 
     try:
-        return main(parse_config(cls, description, defaults))
+        result = main(parse_config(cls, description, defaults))
+        finish_distributed()
+        return result
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -218,6 +222,145 @@ def get_device(name: str = "auto") -> torch.device:
 
 
 # -----------------------------------------------------------------------------
+# Data parallel: `torchrun --nproc_per_node N script.py ...`
+#
+# PyTorch's DistributedDataParallel does the work: every process (rank) holds the whole model,
+# takes its part of each global batch, and DDP averages the gradients across ranks inside
+# backward(), so every rank takes the same optimizer step. --batch_size is per rank: a step
+# sees batch_size x grad_accum x N examples. Rank 0 alone writes (checkpoints, metrics, reports)
+# and evaluates; the others train. Without torchrun (WORLD_SIZE unset) all of this is a no-op.
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def no_bars() -> bool:
+    """Progress bars off: on every rank but 0, and wherever TQDM_DISABLE is set (a bar given
+    an explicit disable= no longer reads that variable itself)."""
+    return not is_main() or os.environ.get("TQDM_DISABLE", "").lower() not in ("", "0", "false")
+
+
+def init_distributed(name: str = "auto") -> torch.device:
+    """This process's device. Under torchrun (WORLD_SIZE > 1) it first joins the process group:
+    nccl with one GPU per rank (cuda:LOCAL_RANK), gloo on the CPU."""
+    device = get_device(name)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise UserError(f"torchrun: --device {name} has no process-group backend here; use cuda or cpu")
+    if not torch.distributed.is_initialized():
+        import datetime
+
+        # rank 0 evaluates and writes reports alone while the others wait at the next collective:
+        # allow that longer than the backends' defaults (10-30 min)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             timeout=datetime.timedelta(hours=2))
+    if rank() != 0:
+        import sys
+
+        sys.stdout = open(os.devnull, "w")  # rank 0 speaks for all; errors still reach stderr
+    return device
+
+
+def data_parallel(model, device, unused_parameters: bool = False):
+    """The model as trained: wrapped in DDP under torchrun, else itself. Keep the unwrapped
+    model for saving, evaluation and sampling (no gradient sync there). unused_parameters: some
+    parameters get no gradient (a reward or value model never uses an untied LM head)."""
+    if world_size() == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=unused_parameters)
+
+
+def unwrap(model):
+    """The model inside a DDP wrapper (the model itself otherwise; None stays None)."""
+    return getattr(model, "module", model)
+
+
+def all_sum(x):
+    """The sum over ranks of a number or tensor (a float tensor comes back; itself on one process)."""
+    if world_size() == 1:
+        return x
+    t = torch.as_tensor(x, dtype=torch.float64).clone()
+    if torch.distributed.get_backend() == "nccl":
+        t = t.cuda()
+    torch.distributed.all_reduce(t)
+    return t.cpu() if isinstance(x, torch.Tensor) else t.item()
+
+
+def all_mean(stats: dict) -> dict:
+    """Per-rank statistics averaged over ranks (every rank gets the same dict back), so a
+    logged loss, accuracy or KL is the global batch's, and any decision made from one (PPO's
+    adaptive KL coefficient) is the same on every rank. A statistic some ranks lack (no
+    finished response there) is the mean over the ranks that have it."""
+    if world_size() == 1:
+        return stats
+    mine = {k: float(v) for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    keys = sorted(set().union(*gather_rows([list(mine)])))  # the same keys, in the same order, everywhere
+    sums = all_sum(torch.tensor([[mine.get(k, 0.0), float(k in mine)] for k in keys], dtype=torch.float64))
+    return {**stats, **{k: (sums[i, 0] / sums[i, 1]).item() for i, k in enumerate(keys)}}
+
+
+def check_same_on_all_ranks(what: str, value):
+    """Stop when the ranks computed different `value`s from what each derived by itself (the
+    same seed on every rank: sampled training data, step counts). Ranks that disagree would
+    train on different data or take different numbers of steps, and hang."""
+    if world_size() == 1:
+        return
+    import hashlib
+
+    mine = hashlib.sha256(repr(value).encode()).hexdigest()[:16]
+    if len(set(gather_rows([mine]))) > 1:
+        raise UserError(f"{what} differs between ranks (sampling is not deterministic across these devices); "
+                        "make it once in one process (e.g. --data) and train on the file")
+
+
+def rank_batch(n: int, batch_size: int, seed: int, i: int) -> list[int]:
+    """This rank's batch_size indices of the i-th global batch of n shuffled items (the global
+    batch is data.epoch_batch's with batch_size x N items): together the ranks see each item
+    once per epoch, as one process with batch_size x N would, in the same order."""
+    from data import epoch_batch
+
+    r = rank()
+    return epoch_batch(n, batch_size * world_size(), seed, i)[r * batch_size : (r + 1) * batch_size]
+
+
+def gather_rows(rows: list) -> list:
+    """Every rank's rows, concatenated in rank order, on every rank (sampled data shared)."""
+    if world_size() == 1:
+        return rows
+    parts = [None] * world_size()
+    torch.distributed.all_gather_object(parts, rows)
+    return [row for part in parts for row in part]
+
+
+def barrier():
+    if world_size() > 1:
+        torch.distributed.barrier()
+
+
+def finish_distributed():
+    """Leave the process group at the end of a script (every rank reaches here)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
 # A training run
 
 
@@ -245,10 +388,15 @@ def configure_optimizer(model, lr: float, weight_decay: float, betas, device):
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda")
 
 
+def global_batch(cfg) -> int:
+    """Examples per optimiser step: batch_size x grad_accum on each of the ranks."""
+    return cfg.batch_size * cfg.grad_accum * world_size()
+
+
 def total_steps(cfg, n_examples: int) -> int:
     """The run's optimiser steps: --max_steps, or --epochs passes over n_examples in steps of
-    batch_size x grad_accum examples (an epoch's last partial batch is skipped)."""
-    per_epoch = max(1, n_examples // (cfg.batch_size * cfg.grad_accum))
+    batch_size x grad_accum x ranks examples (an epoch's last partial batch is skipped)."""
+    per_epoch = max(1, n_examples // global_batch(cfg))
     return cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
 
 
@@ -296,10 +444,13 @@ class OutDir:
             if p and not os.path.exists(p):
                 raise UserError(f"{flag} {p}: no such file or directory")
         self.inputs = {flag: digest(p) for flag, p in inputs.items() if p}
-        claim_dir(self.path, "--out_dir")
-        from checkpoint import recover_dir
+        self.main = is_main()  # under torchrun only rank 0 writes; every rank runs the checks
+        if self.main:
+            claim_dir(self.path, "--out_dir")
+            from checkpoint import recover_dir
 
-        recover_dir(self.ckpt)  # a save a kill interrupted: finished or undone
+            recover_dir(self.ckpt)  # a save a kill interrupted: finished or undone
+        barrier()
         if cfg.resume:
             if not os.path.exists(self.state_file):
                 raise UserError(f"--resume: no checkpoint with trainer state in {self.ckpt}")
@@ -310,6 +461,9 @@ class OutDir:
             if changed:
                 raise UserError(f"--resume: {self.ckpt} was trained with other settings {changed} (saved, now); "
                                 "resume with the same flags, or start a new run in another --out_dir")
+            if saved.get("_ranks", 1) != world_size():
+                raise UserError(f"--resume: {self.ckpt} was trained on {saved.get('_ranks', 1)} rank(s), this run has "
+                                f"{world_size()}: the batches would change; resume with the same --nproc_per_node")
             for flag, d in saved.get("_inputs", {}).items():
                 if self.inputs.get(flag, d) != d:
                     raise UserError(f"--resume: {flag} {getattr(cfg, flag.lstrip('-'), '')} has changed since the run "
@@ -322,11 +476,13 @@ class OutDir:
         """--overwrite: the earlier run's metrics and trainer state go now, when everything has
         been checked (its weights stay until the first save replaces them); the rows kept with
         `write_rows` before now are written."""
+        self.started = True
+        if not self.main:
+            return
         if not self.cfg.resume:
             for f in (self.metrics, self.state_file):
                 if os.path.exists(f):
                     os.remove(f)
-        self.started = True
         for name, rows in self.pending.items():
             write_jsonl(os.path.join(self.path, name), rows)
 
@@ -334,7 +490,8 @@ class OutDir:
         """out_dir/name as JSONL (data the run sampled, read back by --resume); before start()
         it waits, so a run that fails its checks overwrites nothing."""
         if self.started:
-            write_jsonl(os.path.join(self.path, name), rows)
+            if self.main:
+                write_jsonl(os.path.join(self.path, name), rows)
         else:
             self.pending[name] = rows
 
@@ -343,13 +500,15 @@ class OutDir:
         config with the input digests, and the trainer state for --resume. The directory is
         written whole under a temporary name and then switched in (checkpoint.save_dir), so a
         kill leaves the previous checkpoint or this one, never a mix."""
+        if not self.main:
+            return
         import io
 
         from checkpoint import save_dir
 
         buf = io.BytesIO()
         torch.save({"step": step, "optimizer": optimizer.state_dict(), **(extra_state or {})}, buf)
-        config = {**dataclasses.asdict(self.cfg), "_inputs": self.inputs}
+        config = {**dataclasses.asdict(self.cfg), "_inputs": self.inputs, "_ranks": world_size()}
         save_dir(self.ckpt, lambda d: model.save_pretrained(d, tok, extra_files={
             "train_config.json": json.dumps(config, indent=2), "trainer_state.pt": buf.getvalue()},
             metadata={"step": str(step)}))
@@ -366,7 +525,7 @@ class OutDir:
             raise UserError(f"{self.ckpt}: the weights are from step {weights_step} but the trainer state from "
                             f"step {state['step']} (two saves were mixed); start again with --overwrite")
         optimizer.load_state_dict(state["optimizer"])
-        if os.path.exists(self.metrics):
+        if self.main and os.path.exists(self.metrics):
             with open(self.metrics) as f:
                 rows = [json.loads(r) for r in f if r.strip()]
             write_jsonl(self.metrics, [r for r in rows if r["step"] <= state["step"]])
@@ -374,11 +533,15 @@ class OutDir:
 
     def log(self, row: dict):
         """Append one row to metrics.jsonl (strict JSON: NaN never gets here)."""
+        if not self.main:
+            return
         with open(self.metrics, "a") as f:
             f.write(json.dumps(row, allow_nan=False) + "\n")
 
     def close(self):
-        release_dir(self.path)
+        if self.main:
+            release_dir(self.path)
+        barrier()  # the other ranks wait for rank 0's last save
 
 
 _HELD: dict[str, int] = {}  # directory -> file descriptor of its lock, held by this process

@@ -634,6 +634,56 @@ def test_eft_seed_balanced_and_consistent_with_the_oracle(n):
         assert set(scores) == set(range(6)) and scores[0] >= 2 * min(scores.values()) - 1
 
 
+def test_eft_groups_show_one_question_with_responses_of_different_scores():
+    """--eft_group 4: questions come in groups whose responses differ in score (so the
+    findings cannot be guessed from the question alone); the target is the oracle's judgment
+    of that very response; the scores stay balanced as in eft_seed (each of 1..5 about n / 7)."""
+    n = 700
+    data = tasks.eft_seed(3, n, group=4)
+    assert len(data) == n
+    by_question, scores = {}, Counter()
+    for instruction, response, target in data:
+        task = parse_task(instruction)
+        assert target == tasks.judge_target(task, grade(task, response))
+        k = grade(task, response).points
+        by_question.setdefault(instruction, []).append((response, k))
+        scores[k] += 1
+    sizes = Counter(len(v) for v in by_question.values())
+    assert sizes[4] >= 0.9 * len(by_question), sizes
+    for rows in by_question.values():
+        assert len({r for r, _ in rows}) == len(rows)  # distinct responses
+        if len(rows) >= 2:
+            assert len({k for _, k in rows}) >= 2, rows  # at least two scores: the response matters
+    for k in range(1, 6):
+        assert abs(scores[k] - n / 7) <= 0.25 * n / 7, scores
+    assert scores[0] >= 1.5 * n / 7, scores
+
+
+def test_eft_groups_take_the_policys_own_samples_of_a_question_into_its_group():
+    """The pool's responses to a question join that question's group when they have a score
+    the group needs, the rest of the group is targeted corruptions; with reference=True one
+    reference serves the whole group and every target is graded against it."""
+    rng = random.Random(0)
+    pool_tasks = [tasks.sample_task(rng, split="train") for _ in range(40)]
+    pool = [(t, tasks.corrupt(t, rng, "partly_wrong")) for t in pool_tasks for _ in range(2)]
+    data = tasks.eft_seed(5, 200, pool=pool, pool_share=1.0, group=4)
+    own = {(t.prompt, r) for t, r in pool}
+    groups = {}
+    for q, r, _ in data:
+        groups.setdefault(q, []).append(r)
+    pooled = [q for q, rs in groups.items() if any((q, r) in own for r in rs)]
+    assert len(pooled) >= 15
+    for q in pooled:
+        assert sum((q, r) in own for r in groups[q]) <= 2 and len(groups[q]) >= 3
+    refs = {}
+    for prompt, response, target, reference in tasks.eft_seed(9, 140, group=4, reference=True):
+        refs.setdefault(prompt, set()).add(reference)
+        task = parse_task(prompt)
+        assert judge.parse_score(target) == grade(tasks.with_answer(task, tasks.answer_of(task, reference)),
+                                                  response).points
+    assert all(len(r) == 1 for r in refs.values())
+
+
 def test_eft_zeros_are_mostly_answers_of_the_wrong_kind():
     """A judge must read the question: many EFT zeros answer with another family's kind."""
     kinds = Counter()
