@@ -139,6 +139,24 @@ def generate(
         model.train(was_training)
 
 
+def pick(logits, temperature: float, top_k: int, top_p: float, generator=None, noise=None):
+    """Each row's next token from logits (B, V), and its log-prob under the temperature (at
+    T = 0: greedy, log-prob at T = 1). A sample is torch.multinomial's draw from `generator`,
+    or, given `noise` q ~ Exp(1) of shape (B, V), argmax(probs / q): the very draw
+    torch.multinomial(probs, 1) makes with that noise, but free of host syncs (the static path)."""
+    logits = logits.float()
+    if temperature == 0:
+        next_tok, scaled = logits.argmax(-1), logits
+    else:
+        scaled = logits / temperature
+        probs = filter_logits(scaled, top_k, top_p).softmax(-1)
+        if noise is None:
+            next_tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        else:
+            next_tok = (probs / noise).argmax(-1)
+    return next_tok, token_logprobs(scaled[:, None], next_tok[:, None])[:, 0]
+
+
 def _sample(model, ids, attention_mask, max_new_tokens, eos_id, pad_id, temperature, top_k, top_p,
             generator, num_samples) -> Generation:
     """The decoding loop of `generate` (arguments checked there)."""
@@ -169,15 +187,7 @@ def _sample(model, ids, attention_mask, max_new_tokens, eos_id, pad_id, temperat
 
     n = 0
     for t in range(max_new_tokens):
-        logits = logits.float()
-        if temperature == 0:
-            next_tok = logits.argmax(-1)
-            scaled = logits
-        else:
-            scaled = logits / temperature
-            probs = filter_logits(scaled, top_k, top_p).softmax(-1)
-            next_tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
-        logp = token_logprobs(scaled[:, None], next_tok[:, None])[:, 0]  # greedy: at T = 1
+        next_tok, logp = pick(logits, temperature, top_k, top_p, generator=generator)  # (B,), (B,)
         alive = ~finished
         tokens[:, t] = torch.where(alive, next_tok, torch.full_like(next_tok, pad_id))
         logprobs[:, t] = torch.where(alive, logp, torch.zeros_like(logp))
@@ -268,15 +278,7 @@ def _choose(logits, s: _StaticState, temperature, top_k, top_p, eos_id, pad_id):
     """Pick each row's next token from logits (B, V) and record it at response index s.t,
     cache column s.col: the body of the eager loop, without a Python branch on tensor values
     and without allocating anything that outlives the step."""
-    logits = logits.float()
-    if temperature == 0:
-        next_tok = logits.argmax(-1)
-        scaled = logits
-    else:
-        scaled = logits / temperature
-        probs = filter_logits(scaled, top_k, top_p).softmax(-1)
-        next_tok = (probs / s.noise).argmax(-1)  # torch.multinomial(probs, 1), given its noise
-    logp = token_logprobs(scaled[:, None], next_tok[:, None])[:, 0]  # greedy: at T = 1
+    next_tok, logp = pick(logits, temperature, top_k, top_p, noise=s.noise)
     alive = ~s.finished
     out_tok = torch.where(alive, next_tok, pad_id)
     s.tokens.index_copy_(1, s.t, out_tok[:, None])
