@@ -167,19 +167,21 @@ class Block(nn.Module):
 
 class KVCache:
     """Keys and values of every layer, preallocated once for the whole generation:
-    k, v: (n_layers, B, n_kv_heads, max_len, head_dim). Prefill writes the prompt's columns,
-    each decode step writes one more column; nothing is concatenated or reallocated."""
+    k[layer], v[layer]: (B, n_kv_heads, max_len, head_dim). Prefill writes the prompt's
+    columns, each decode step writes one more column; nothing is concatenated or reallocated.
+    One tensor per layer, not one stacked tensor: compiled code writes a column of a stacked
+    cache by rewriting every layer's slice of it (a full copy per layer per token)."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
-        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
 
     def repeat_interleave(self, n: int):
         """Copy every row n times in place of one (row i -> rows i*n ... i*n+n-1): one prompt's
         prefill serves n samples."""
-        self.k = self.k.repeat_interleave(n, dim=1)
-        self.v = self.v.repeat_interleave(n, dim=1)
+        self.k = [k.repeat_interleave(n, dim=0) for k in self.k]
+        self.v = [v.repeat_interleave(n, dim=0) for v in self.v]
 
     def update(self, layer, start, k, v):
         if isinstance(start, torch.Tensor):
@@ -191,9 +193,9 @@ class KVCache:
             self.v[layer][:, :, start] = v
             return self.k[layer], self.v[layer]
         end = start + k.shape[2]
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 # -----------------------------------------------------------------------------

@@ -255,7 +255,7 @@ class _StaticState:
         self.noise = torch.empty((B, V), dtype=torch.float32, device=device)  # q ~ Exp(1)
         if device.type == "cuda":
             # CUDA graphs replay on fixed addresses: tell them these inputs stay put
-            for x in (self.cache.k, self.cache.v, self.key_mask, self.tok, self.pos, self.col,
+            for x in (*self.cache.k, *self.cache.v, self.key_mask, self.tok, self.pos, self.col,
                       self.t, self.finished, self.tokens, self.logprobs, self.noise):
                 torch._dynamo.mark_static_address(x)
 
@@ -334,8 +334,9 @@ def _sample_static(model, ids, attention_mask, max_new_tokens, eos_id, pad_id, t
         logits = logits.repeat_interleave(num_samples, dim=0)
 
     s = _static_state(cfg, B, C, N, logits.shape[-1], device, dtype)
-    s.cache.k[:, :, :, :T0] = prefill.k  # columns >= T0 may hold an earlier call's keys: masked
-    s.cache.v[:, :, :, :T0] = prefill.v
+    for layer in range(cfg.n_layers):  # columns >= T0 may hold an earlier call's keys: masked
+        s.cache.k[layer][:, :, :T0] = prefill.k[layer]
+        s.cache.v[layer][:, :, :T0] = prefill.v[layer]
     del prefill
     s.key_mask.zero_()
     s.key_mask[:, :T0] = attention_mask.bool()
