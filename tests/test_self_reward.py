@@ -63,6 +63,27 @@ def test_fewshot_text_is_a_numbered_list_ending_at_the_next_number():
     assert text == "Tasks:\n1. Add 1 and 2.\n2. Reverse this list: 3 4 5\n3."
 
 
+def test_judge_diagnostics_count_only_pairs_the_oracle_tells_apart():
+    """Within-prompt agreement: oracle ties are skipped, judge ties counted apart, unscored
+    (None) candidates left out; the pair verdict follows build_pairs (first best, first worst)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "judge_diagnostics.py")
+    spec = importlib.util.spec_from_file_location("judge_diagnostics", path)
+    diag = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diag)
+    oracle = [5, 2, 2, 0, 3]
+    scores = [4.0, 4.0, 1.0, 2.0, None]
+    # pairs the oracle tells apart among the scored 0..3: (0,1) tie, (0,2) agree, (0,3) agree,
+    # (1,3) agree, (2,3) disagree; (1,2) is an oracle tie
+    assert diag.agreement(oracle, scores) == {"agree": 3, "disagree": 1, "tie": 1}
+    row = {"candidates": ["a", "b", "c", "d", "e"], "finished": [True] * 5}
+    assert diag.best_vs_worst(row, oracle, scores) == "right"  # best = 0 (first of the 4.0s), worst = 2
+    assert diag.best_vs_worst(row, [0, 2, 5, 0, 3], scores) == "reversed"
+    assert diag.best_vs_worst(row, [2, 2, 2, 0, 3], scores) == "oracle tie"
+    assert diag.best_vs_worst(row, oracle, [3.0, None, None, None, 3.0]) == "tie"
+
+
 def test_pair_metrics_precision_and_saturation():
     """Pair precision counts pairs whose chosen response the oracle also ranks higher; 5-vs-4
     counts pairs of a top score against a near-top one (judge saturation)."""
