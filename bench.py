@@ -67,6 +67,9 @@ MODELS = {
     # ~6.7M parameters (dim 256 with 6 layers and vocab 2048 would be only 4.75M), with
     # grouped-query attention: 8 query heads share 2 key/value heads
     "small": ModelConfig(vocab_size=4096, dim=256, n_layers=8, n_heads=8, n_kv_heads=2),
+    # ~135M, SmolLM2-135M's shape: the size issue 21's GPU MFU target is stated at
+    "135m": ModelConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536,
+                        rope_theta=100000.0),
 }
 
 # default training shapes (batch, seq_len, timed steps): small enough that the default CPU run
@@ -76,6 +79,8 @@ TRAIN_SHAPES = {
     ("small", "cpu"): (8, 256, 5),
     ("tiny", "cuda"): (64, 256, 30),
     ("small", "cuda"): (32, 512, 30),
+    ("135m", "cpu"): (1, 128, 2),
+    ("135m", "cuda"): (16, 1024, 20),
 }
 
 # what we aim for (ratios of tokens/s)
