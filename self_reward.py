@@ -39,6 +39,7 @@ import torch
 import dpo
 import judge
 import sft
+import tasks
 from checkpoint import load_checkpoint
 from data import UserError, write_jsonl
 from sampling import sample_responses
@@ -52,6 +53,7 @@ class Config:
     seed: int = 1337
     seeds: int = 1  # > 1: whole runs with seeds seed, seed+1, ... in run_dir/seed_<s>/, then mean ± spread
     world_seed: int = 0
+    world_difficulty: str = "default"  # default | easy: shorter lists, numbers below 20 (tasks.DIFFICULTY)
     device: str = "auto"
     compile: bool = False
     # model (M0 from scratch)
@@ -117,6 +119,7 @@ class Config:
         check_ranges(c, {  # every flag a stage receives is checked here, under its name here
             "preset": (c.preset in PRESETS, " or ".join(PRESETS)),
             "seeds": (c.seeds >= 1, ">= 1"), "iterations": (c.iterations >= 0, ">= 0"),
+            "world_difficulty": (c.world_difficulty in tasks.DIFFICULTY, " or ".join(tasks.DIFFICULTY)),
             "vocab_size": (c.vocab_size >= 260, ">= 260"), "dim": (c.dim >= 1 and c.dim % c.n_heads == 0,
                                                                    "a multiple of --n_heads"),
             "n_layers": (c.n_layers >= 1, ">= 1"), "n_heads": (c.n_heads >= 1 and c.n_heads % max(1, c.n_kv_heads) == 0,
@@ -379,6 +382,7 @@ def run_world(cfg: Config) -> dict:
     from self_reward_world import World
 
     check_run_dir(cfg)
+    tasks.set_difficulty(cfg.world_difficulty)  # every stage runs in this process: all draw from it
     models = self_rewarding(cfg, World(cfg))
     return report.world_report(cfg, models)
 

@@ -249,30 +249,50 @@ def is_heldout(task):
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") % 1000 < HELDOUT_PER_MILLE
 
 
+# How hard the world is: list lengths, number ranges, repeat counts (self_reward.py
+# --world_difficulty). "default" is the world every number in RESULTS.md was measured in;
+# "easy" makes the model right far more often, so its samples include right answers to prefer.
+DIFFICULTY = {
+    "default": dict(list_len=(3, 7), max_num=99, repeat_k=(2, 5), words=(4, 7)),
+    "easy": dict(list_len=(2, 4), max_num=19, repeat_k=(2, 3), words=(3, 4)),
+}
+_size = dict(DIFFICULTY["default"])
+
+
+def set_difficulty(name: str):
+    """Make every task drawn from now on (corpus, IFT, EFT, prompts, evaluation) this hard."""
+    if name not in DIFFICULTY:
+        raise ValueError(f"unknown world difficulty {name!r}; expected one of {list(DIFFICULTY)}")
+    _size.clear()
+    _size.update(DIFFICULTY[name])
+
+
 def _sample_args(rng, family):
-    """Random args for a family, inside the sizes a small model can handle."""
+    """Random args for a family, inside the sizes a small model can handle (set_difficulty)."""
+    lo, hi = _size["list_len"]
+    top = _size["max_num"]
     if family in ("sort_asc", "sort_desc", "reverse", "max", "min"):
         while True:
-            xs = tuple(rng.randint(0, 99) for _ in range(rng.randint(3, 7)))
+            xs = tuple(rng.randint(0, top) for _ in range(rng.randint(lo, hi)))
             # a list that is already in the asked order makes the task trivial, and would
             # make "echo the input" a correct answer
             if family in ("max", "min") or _solve(family, (xs,)) != xs:
                 return (xs,)
     if family == "add":
-        return (rng.randint(0, 99), rng.randint(0, 99))
+        return (rng.randint(0, top), rng.randint(0, top))
     if family == "sub":
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        a, b = rng.randint(0, top), rng.randint(0, top)
         return (max(a, b), min(a, b))  # keep differences non-negative
     if family == "count":
         # draw the list from a pool of three words so the target shows up 0..n times
         pool = rng.sample(LEXICON, 3)
-        return (pool[0], tuple(rng.choice(pool) for _ in range(rng.randint(3, 7))))
+        return (pool[0], tuple(rng.choice(pool) for _ in range(rng.randint(lo, hi))))
     if family == "length":
-        return (tuple(rng.choice(LEXICON) for _ in range(rng.randint(3, 7))),)
+        return (tuple(rng.choice(LEXICON) for _ in range(rng.randint(lo, hi))),)
     if family == "repeat":
-        return (rng.choice(LEXICON), rng.randint(2, 5))
+        return (rng.choice(LEXICON), rng.randint(*_size["repeat_k"]))
     if family in ("first_k", "last_k"):
-        ws = tuple(rng.sample(LEXICON, rng.randint(4, 7)))  # distinct, so order is checkable
+        ws = tuple(rng.sample(LEXICON, rng.randint(*_size["words"])))  # distinct, so order is checkable
         return (rng.randint(2, min(4, len(ws) - 1)), ws)
     raise ValueError(f"unknown task family {family!r}")
 

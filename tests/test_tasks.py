@@ -759,3 +759,25 @@ def test_heldout_split_is_the_same_in_every_process():
     rng = random.Random(9)
     here = "".join(str(int(tasks.is_heldout(tasks.sample_task(rng)))) for _ in range(300))
     assert outs == {here} and "1" in here
+
+
+def test_easy_world_draws_smaller_tasks_that_parse_back_and_default_is_restored():
+    """--world_difficulty easy: lists of 2-4 items, numbers below 20; every prompt is still a
+    task the world can read back; setting "default" again gives the very draws of before."""
+    rng = random.Random(3)
+    before = [tasks.sample_task(rng) for _ in range(50)]
+    try:
+        tasks.set_difficulty("easy")
+        rng = random.Random(4)
+        for _ in range(1000):
+            t = tasks.sample_task(rng)
+            assert tasks.task_key(parse_task(t.prompt)) == tasks.task_key(t)
+            lists = [a for a in t.args if isinstance(a, tuple)]
+            assert all(2 <= len(xs) <= 4 for xs in lists), t
+            assert all(x <= 19 for a in t.args for x in (a if isinstance(a, tuple) else (a,)) if isinstance(x, int)), t
+        with pytest.raises(ValueError):
+            tasks.set_difficulty("hard")
+    finally:
+        tasks.set_difficulty("default")
+    rng = random.Random(3)
+    assert [tasks.sample_task(rng) for _ in range(50)] == before
