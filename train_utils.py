@@ -323,8 +323,11 @@ def check_same_on_all_ranks(what: str, value):
         return
     import hashlib
 
-    mine = hashlib.sha256(repr(value).encode()).hexdigest()[:16]
-    if len(set(gather_rows([mine]))) > 1:
+    h = hashlib.sha256()
+    for part in value if isinstance(value, tuple) else (value,):
+        for item in part if isinstance(part, list) else (part,):  # a dataset: one example at a time
+            h.update(repr(item).encode())
+    if len(set(gather_rows([h.hexdigest()[:16]]))) > 1:
         raise UserError(f"{what} differs between ranks (sampling is not deterministic across these devices); "
                         "make it once in one process (e.g. --data) and train on the file")
 

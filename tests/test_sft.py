@@ -361,7 +361,8 @@ def test_checkpoint_layout_and_loading(m0, sft_data, tok, tmp_path):
             assert os.path.isfile(os.path.join(ckpt, name)), name
         with open(os.path.join(ckpt, "train_config.json")) as f:
             saved = json.load(f)  # the resolved config, and the digests of the input files
-        assert {k: v for k, v in saved.items() if k != "_inputs"} == dataclasses.asdict(cfg)
+        assert {k: v for k, v in saved.items() if k not in ("_inputs", "_ranks")} == dataclasses.asdict(cfg)
+        assert saved["_ranks"] == 1  # one process: no torchrun
         assert set(saved["_inputs"]) == ({"--init", "--data"} if cfg.init else set())
         state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
         assert state["step"] == cfg.max_steps
