@@ -942,8 +942,8 @@ def eft_groups(seed, n, group, pool=None, pool_share=0.5, reference=False):
     they have a score the group needs. The target scores come in turn from EFT_SCORES, as in
     eft_seed, so the mix stays balanced: a score the group already has (but a second zero in a
     group of 4 or more), or that this question cannot reach, waits for the next group. Each
-    question is used once. Returns what eft_seed
-    returns, shuffled, so a group is spread over batches."""
+    question is used once. Returns what eft_seed returns, shuffled, so a group is spread over
+    batches."""
     rng = _rng("eft-groups", seed)
     own = {}  # prompt -> (task, the policy's distinct responses, in order)
     for task, response in pool or []:
