@@ -15,14 +15,22 @@ sampled again):
   --expected                the same with G-Eval's expected score (Liu et al. 2023): per judge
                             sample, Σ k·p(k) over the score digits at the "Score: " position
                             given the judge's own findings (one forward pass per judge sample)
+  consistency               judge-free signals from the same candidates (self-consistency, as
+                            in ScPO and TTRL): each candidate's vote share (how many of the N
+                            give the same answer, text compared after normalize_answer), the
+                            vote share with the judge's score breaking its ties, and with
+                            --greedy the match with M(t)'s own greedy answer (one greedy
+                            generation per prompt), alone and as one more voter
 
     python scripts/judge_diagnostics.py runs/default/iter_1 [--expected runs/default/M1/model]
+                                                            [--greedy runs/default/M1/model]
 """
 
 import argparse
 import itertools
 import json
 import os
+import re
 import sys
 from collections import Counter, defaultdict
 
@@ -52,6 +60,25 @@ def best_vs_worst(candidate_row, oracle, scores) -> str:
         return pair
     best, worst = pair
     return "right" if oracle[best] > oracle[worst] else "reversed" if oracle[best] < oracle[worst] else "oracle tie"
+
+
+def normalize_answer(text: str) -> str:
+    """The answer a vote compares: lower case, runs of white space as one space, no final
+    full stop or exclamation mark ("Sorted: 1, 2." and "sorted:  1, 2" are one answer)."""
+    return re.sub(r"\s+", " ", text.strip().lower()).rstrip(" .!")
+
+
+def vote_shares(responses: list[str], extra_voters: list[str] = ()) -> list[float]:
+    """Per response, the share of all voters (the responses, then extra_voters, e.g. the greedy
+    answer) whose answer equals its own; the response counts as its own voter."""
+    answers = [normalize_answer(r) for r in list(responses) + list(extra_voters)]
+    counts = Counter(answers)
+    return [counts[a] / len(answers) for a in answers[: len(responses)]]
+
+
+def with_tiebreak(primary: list[float], secondary: list) -> list:
+    """Order by primary, then by secondary (the judge's score, in [0, 5]); None stays None."""
+    return [None if s is None else 10 * p + s / 10 for p, s in zip(primary, secondary)]
 
 
 def expected_scores(model_dir, template_path, candidates, judgments) -> list[list]:
@@ -87,7 +114,7 @@ def expected_scores(model_dir, template_path, candidates, judgments) -> list[lis
              for k in range(len(c["candidates"]))] for r, c in enumerate(candidates)]
 
 
-def report(name, candidates, judgments, scores):
+def report(name, candidates, judgments, scores, by_family=True):
     agree, pairs, families = Counter(), Counter(), defaultdict(Counter)
     for c, j, s in zip(candidates, judgments, scores):
         a = agreement(j["oracle"], s)
@@ -105,7 +132,7 @@ def report(name, candidates, judgments, scores):
           f"oracle tie {100 * pairs['oracle tie'] / n:.1f}% (no pair: "
           f"{ {k: v for k, v in pairs.items() if k not in ('right', 'reversed', 'oracle tie')} }); "
           f"equivalent flip rate {pairs['reversed'] / max(1, decidable):.2f}")
-    for fam, f in sorted(families.items(), key=lambda x: -x[1]["exact"] / max(1, x[1]["n"])):
+    for fam, f in sorted(families.items(), key=lambda x: -x[1]["exact"] / max(1, x[1]["n"])) if by_family else []:
         print(f"  {fam:10s} exact {100 * f['exact'] / max(1, f['n']):5.1f}%   agree {f['agree']:5d}  "
               f"disagree {f['disagree']:5d}  tie {f['tie']:5d}")
 
@@ -115,10 +142,35 @@ def main():
     p.add_argument("iter_dir", help="a self-judged iteration: run_dir/iter_1 (candidates.jsonl, judgments.jsonl)")
     p.add_argument("--expected", default="", help="the judge's checkpoint (M(t)): also report the expected score")
     p.add_argument("--judge_prompt", default=None, help="the template the run judged with (default judge_prompt.txt)")
+    p.add_argument("--greedy", default="", help="M(t)'s checkpoint: also measure agreement with its greedy answer")
     a = p.parse_args()
     read = lambda name: [json.loads(line) for line in open(os.path.join(a.iter_dir, name))]
     candidates, judgments = read("candidates.jsonl"), read("judgments.jsonl")
+    distinct = [len({normalize_answer(x) for x in c["candidates"]}) for c in candidates]
+    points = [p for j in judgments for p in j["oracle"] if p is not None]
+    print(f"{len(candidates)} prompts x {len(candidates[0]['candidates'])} candidates: exact "
+          f"{100 * points.count(5) / len(points):.1f}%, distinct answers per prompt "
+          f"{sum(distinct) / len(distinct):.2f}, all alike on {100 * distinct.count(1) / len(distinct):.1f}% of the prompts")
     report("sampled scores (the loop's)", candidates, judgments, [j["scores"] for j in judgments])
+    votes = [vote_shares(c["candidates"]) for c in candidates]
+    report("consistency: vote share", candidates, judgments, votes, by_family=False)
+    report("consistency: vote share, the judge breaking ties", candidates, judgments,
+           [with_tiebreak(v, j["scores"]) for v, j in zip(votes, judgments)], by_family=False)
+    if a.greedy:
+        import torch
+
+        import judge
+        from checkpoint import load_checkpoint
+
+        model, tok = load_checkpoint(a.greedy, torch.device("cpu"))
+        greedy = judge.reference_answers(model.eval(), tok, [c["prompt"] for c in candidates])
+        exact = [tasks.grade(tasks.parse_task(c["prompt"]), g).points == 5 for c, g in zip(candidates, greedy)]
+        print(f"greedy answers: exact on {100 * sum(exact) / len(exact):.1f}% of the prompts")
+        report("consistency: equals the greedy answer", candidates, judgments,
+               [[float(normalize_answer(x) == normalize_answer(g)) for x in c["candidates"]]
+                for c, g in zip(candidates, greedy)], by_family=False)
+        report("consistency: vote share, the greedy answer voting too", candidates, judgments,
+               [vote_shares(c["candidates"], [g]) for c, g in zip(candidates, greedy)], by_family=False)
     if a.expected:
         report("expected scores (G-Eval)", candidates, judgments,
                expected_scores(a.expected, a.judge_prompt, candidates, judgments))

@@ -63,15 +63,21 @@ def test_fewshot_text_is_a_numbered_list_ending_at_the_next_number():
     assert text == "Tasks:\n1. Add 1 and 2.\n2. Reverse this list: 3 4 5\n3."
 
 
+def load_script(name):
+    """A module from scripts/ (not a package)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", name + ".py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_judge_diagnostics_count_only_pairs_the_oracle_tells_apart():
     """Within-prompt agreement: oracle ties are skipped, judge ties counted apart, unscored
     (None) candidates left out; the pair verdict follows build_pairs (first best, first worst)."""
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "judge_diagnostics.py")
-    spec = importlib.util.spec_from_file_location("judge_diagnostics", path)
-    diag = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(diag)
+    diag = load_script("judge_diagnostics")
     oracle = [5, 2, 2, 0, 3]
     scores = [4.0, 4.0, 1.0, 2.0, None]
     # pairs the oracle tells apart among the scored 0..3: (0,1) tie, (0,2) agree, (0,3) agree,
@@ -82,6 +88,19 @@ def test_judge_diagnostics_count_only_pairs_the_oracle_tells_apart():
     assert diag.best_vs_worst(row, [0, 2, 5, 0, 3], scores) == "reversed"
     assert diag.best_vs_worst(row, [2, 2, 2, 0, 3], scores) == "oracle tie"
     assert diag.best_vs_worst(row, oracle, [3.0, None, None, None, 3.0]) == "tie"
+
+
+def test_judge_diagnostics_vote_shares():
+    """Self-consistency: a candidate's share of the voters giving its answer (after
+    normalisation), an extra voter (the greedy answer) counted but not scored, and the judge
+    only breaking the vote's ties."""
+    diag = load_script("judge_diagnostics")
+    responses = ["Sorted: 1, 2.", "sorted:  1, 2", "Sorted: 2, 1.", "SORTED: 1, 2!"]
+    assert diag.vote_shares(responses) == [0.75, 0.75, 0.25, 0.75]
+    assert diag.vote_shares(responses, ["Sorted: 2, 1"]) == [0.6, 0.6, 0.4, 0.6]
+    ranked = diag.with_tiebreak([0.75, 0.75, 0.25, 0.75], [1.0, 3.0, 5.0, None])
+    assert ranked[3] is None
+    assert ranked[1] > ranked[0] > ranked[2]  # the vote first (5.0 from the judge does not save 2, 1)
 
 
 def test_pair_metrics_precision_and_saturation():
