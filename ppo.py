@@ -49,8 +49,8 @@ the KL in the reward; grpo divides by the group's std, which gives more weight t
 responses score nearly alike (too easy or too hard; Dr. GRPO, Liu et al. 2025: --no-grpo_std).
 A group whose k responses score the same teaches nothing (advantage 0: logged as flat_groups).
 Against a learned RM that division also blows the RM's small within-group errors up to unit
-size: in RESULTS.md, grpo against an imperfect RM drifted furthest and lost oracle points,
---no-grpo_std did not.
+size: in RESULTS.md, grpo against an imperfect RM drifted furthest and lost oracle points on
+each of three seeds, --no-grpo_std did not.
 
     python ppo.py --init runs/default/SFT/model --reward_model runs/rm/model --out_dir runs/ppo
     python ppo.py ... --ptx_coef 1.0                      # PPO-ptx
