@@ -46,9 +46,10 @@ class BenchConfig:
     compile: bool = False  # torch.compile both models for the training step, and time generate's compiled fast path
     batch_size: int = 0  # training batch; 0 = the per-config default in TRAIN_SHAPES
     seq_len: int = 0  # training sequence length; 0 = default
+    train: bool = True  # time training and MFU (--no-train: generation only)
     train_steps: int = 0  # timed training steps per model; 0 = default
     warmup_steps: int = 2  # untimed steps first: allocator, oneDNN/cuBLAS plans, compile, Adam state
-    gen_batches: str = "1,64"  # generation batch sizes
+    gen_batches: str = "1,64"  # generation batch sizes; "" = time training only
     prompt_len: int = 32
     new_tokens: int = 128
     gen_repeats: int = 3  # timed generations per method; the median is reported
@@ -362,7 +363,7 @@ def main(argv=None):
     for c in names:
         if c not in MODELS:
             raise SystemExit(f"bench.py: unknown config {c!r}; choose from {sorted(MODELS)}")
-    gen_batches = [int(b) for b in bc.gen_batches.split(",")]
+    gen_batches = [int(b) for b in bc.gen_batches.split(",") if b.strip()]
 
     t_start = time.perf_counter()
     header = [
@@ -418,9 +419,14 @@ def main(argv=None):
                 notes.append(f"{name}, batch {b}: compiled greedy tokens identical to eager {r['agree_compiled']:.1%}")
             print(f"  generate b={b}: ours {fmt_rate(r['ours'])} tok/s, HF {fmt_rate(r['hf'])}, "
                   f"naive {fmt_rate(r['naive'])}  ({vs_hf:.2f}× HF, {vs_naive:.1f}× naive; "
-                  f"agree HF {r['agree_hf']:.1%}, naive {r['agree_naive']:.1%}) [{time.perf_counter() - t0:.0f}s]",
-                  flush=True)
+                  f"agree HF {r['agree_hf']:.1%}, naive {r['agree_naive']:.1%})"
+                  + (f"; compiled {fmt_rate(r['compiled'])} tok/s ({r['compiled'] / r['hf']:.2f}× HF, "
+                     f"agree eager {r['agree_compiled']:.1%})" if "compiled" in r else "")
+                  + f" [{time.perf_counter() - t0:.0f}s]", flush=True)
 
+        if not bc.train:
+            del ours, hf
+            continue
         t0 = time.perf_counter()
         r = bench_training(ours, hf, bc, (B, T, steps), device)
         fpt = flops_per_token(ours, T)

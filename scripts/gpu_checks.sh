@@ -1,33 +1,48 @@
 #!/bin/bash
-# The GPU checks still owed (RESULTS.md, "Not yet measured: the GPU path"), as one run of about
-# ten minutes on one GPU. With the device tool, from the repository root:
-#     bash scripts/gpu_checks.sh          (timeout_s 600; the files come back from $OUT)
-# Elsewhere the files go to ./gpu_checks. Each step has its own time limit, so a slow step
-# costs its own result only:
-#   1. bench.py on CUDA with --compile: eager vs compiled vs HF generation at batch 1 and 64,
-#      bf16-autocast training throughput and MFU, at the tiny, small and 135M shapes
-#   2. PPO's first-minibatch ratio under bf16 (first_ratio_dev must be ~0): an SFT model from
-#      the micro preset, then 3 PPO steps against the oracle
-#   3. the gpu preset, one iteration, as far as it gets (its log has each stage's time)
+# The GPU checks (RESULTS.md, "The GPU path"), sized for a 15-minute device lease on one GPU.
+# With the device tool, from the repository root, calls back to back (the machine stays warm
+# for 30 s between them):
+#     bash scripts/gpu_checks.sh bench     (timeout_s 460: step 1 at the 135M shape)
+#     bash scripts/gpu_checks.sh small     (timeout_s 250: step 1 at the tiny and small shapes)
+#     bash scripts/gpu_checks.sh preset    (what is left of the lease: step 2)
+# or `bash scripts/gpu_checks.sh` for all. The files go to $OUT (the device tool's folder) or
+# else to ./gpu_checks. Each step has its own time limit, so a slow step costs its own result:
+#   1. bench.py on CUDA with --compile: bf16-autocast training throughput and MFU, then eager vs
+#      compiled (CUDA graphs) vs HF generation at batch 1 and 64
+#   2. the gpu preset, one iteration, as far as it gets (its log has each stage's time), with
+#      the GPU's memory in use sampled every half second by nvidia-smi
+# PPO's first-minibatch ratio under bf16 was checked in the first lease (RESULTS.md): exactly 1.
 set -u
+part=${1:-all}
 OUT=${OUT:-gpu_checks}
 mkdir -p "$OUT"
 PY=${PY:-python3}
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 work=$(mktemp -d)
 
-{ nvidia-smi; $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"; } \
-    > "$OUT/device.txt" 2>&1
+if [ "$part" = all ] || [ "$part" = bench ]; then
+    { nvidia-smi; $PY -c "import torch, transformers; print('torch', torch.__version__, torch.cuda.get_device_name(), 'transformers', transformers.__version__)"; } \
+        > "$OUT/device.txt" 2>&1
+    # training and MFU alone first: at the 135M shape compiling the generation steps took the
+    # whole 240 s of the first lease, and the MFU row never ran
+    timeout 200 $PY bench.py --device cuda --compile --configs 135m --gen_batches "" --out "$OUT/bench_135m_train.md" \
+        > "$OUT/bench_135m_train.log" 2>&1
+    timeout 240 $PY bench.py --device cuda --compile --configs 135m --gen_batches 1,64 --no-train \
+        --out "$OUT/bench_135m_gen.md" > "$OUT/bench_135m_gen.log" 2>&1
+fi
 
-timeout 240 $PY bench.py --device cuda --compile --configs tiny,small,135m --out "$OUT/bench.md" \
-    > "$OUT/bench.log" 2>&1
+if [ "$part" = all ] || [ "$part" = small ]; then
+    timeout 240 $PY bench.py --device cuda --compile --configs tiny,small --out "$OUT/bench_small.md" \
+        > "$OUT/bench_small.log" 2>&1
+fi
 
-timeout 90 $PY self_reward.py --preset micro --device cuda --iterations 0 --run_dir "$work/micro" \
-    > "$OUT/ppo_bf16.log" 2>&1
-timeout 60 $PY ppo.py --init "$work/micro/SFT/model" --reward oracle --value_init zero --max_steps 3 \
-    --eval_every 0 --n_eval 16 --n_norm 32 --device cuda --out_dir "$work/ppo" >> "$OUT/ppo_bf16.log" 2>&1
-grep -o '"first_ratio_dev": [^,]*' "$work/ppo/metrics.jsonl" >> "$OUT/ppo_bf16.log" 2>&1
-
-timeout 180 $PY self_reward.py --preset gpu --iterations 1 --run_dir "$work/gpu" > "$OUT/gpu_preset.log" 2>&1
-cp "$work/gpu/times.json" "$OUT/gpu_preset_times.json" 2>/dev/null
+if [ "$part" = all ] || [ "$part" = preset ]; then
+    nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv -lms 500 > "$OUT/gpu_memory.csv" 2>&1 &
+    smi=$!
+    timeout "${PRESET_LIMIT:-560}" $PY self_reward.py --preset gpu --iterations 1 --run_dir "$work/gpu" \
+        > "$OUT/gpu_preset.log" 2>&1
+    echo "exit status $?" >> "$OUT/gpu_preset.log"
+    kill $smi
+    cp "$work/gpu/times.json" "$OUT/gpu_preset_times.json" 2>/dev/null
+fi
 echo "done; files in $OUT"
