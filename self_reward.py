@@ -4,6 +4,7 @@ judges responses, improved iteration after iteration by DPO on pairs it made and
     python self_reward.py                  # the cpu preset: M0 -> M1 -> M2 -> M3, evaluated
     python self_reward.py --seeds 3        # three whole runs, tables with mean ± spread
     python self_reward.py --pair_judge self,oracle,random   # ablations from the same M1
+    python self_reward.py --pair_judge vote                 # no judge: the samples' majority (not the paper)
     python self_reward.py --preset gpu     # bigger model and data for one GPU
 
 The algorithm is `self_rewarding` below, one line per step of the paper:
@@ -31,7 +32,9 @@ import argparse
 import dataclasses
 import os
 import random
+import re
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -83,7 +86,7 @@ class Config:
     prompt_generator: str = "base"  # base: M0, fixed (the paper's choice); model: M(t) itself; world: the world's sampler
     few_shot: int = 8  # seed instructions shown to the prompt generator
     n_candidates: int = 4  # responses per prompt (the paper: N = 4)
-    pair_judge: str = "self"  # self | oracle | random | noisy; a comma list (self,oracle,random) runs a chain each from M1
+    pair_judge: str = "self"  # self | oracle | random | noisy | vote; a comma list (self,oracle,random) runs a chain each from M1
     flip_rate: float = 0.2  # --pair_judge noisy: the oracle's verdict on a prompt is reversed with this probability
     flip_ties: bool = False  # --pair_judge noisy: also turn the oracle's ties into pairs of random direction
     aift: str = "pairs"  # pairs: DPO on best-vs-worst pairs; positive: SFT on responses judged 5 (the paper's ablation)
@@ -137,8 +140,8 @@ class Config:
             "n_prompts": (c.n_prompts >= 1, ">= 1"), "few_shot": (c.few_shot >= 1, ">= 1"),
             "n_candidates": (c.n_candidates >= 2, ">= 2"), "judge_samples": (c.judge_samples >= 1, ">= 1"),
             "prompt_generator": (c.prompt_generator in ("base", "model", "world"), "base, model or world"),
-            "pair_judge": (set(pair_judges(c)) <= {"self", "oracle", "random", "noisy"} and len(pair_judges(c)) > 0,
-                           "self, oracle, random, noisy or a comma list of them"),
+            "pair_judge": (set(pair_judges(c)) <= {"self", "oracle", "random", "noisy", "vote"} and len(pair_judges(c)) > 0,
+                           "self, oracle, random, noisy, vote or a comma list of them"),
             "flip_rate": (0 <= c.flip_rate <= 1, "in [0, 1]"),
             "aift": (c.aift in ("pairs", "positive"), "pairs or positive"),
             "dpo_beta": (c.dpo_beta > 0, "> 0"), "dpo_nll_coef": (c.dpo_nll_coef >= 0, ">= 0"),
@@ -150,9 +153,9 @@ class Config:
             "judge_max_new_tokens": (c.judge_max_new_tokens >= 1, ">= 1"),
             "eval_batch_size": (c.eval_batch_size >= 1, ">= 1"),
         })
-        if c.init and ({"oracle", "noisy"} & set(pair_judges(c)) or c.prompt_generator != "base"):
-            raise UserError("with --init there is no oracle and no world: --pair_judge self or random, "
-                            "and prompts come from --prompts")
+        if c.init and ({"oracle", "noisy", "vote"} & set(pair_judges(c)) or c.prompt_generator != "base"):
+            raise UserError("with --init there is no oracle and no world: --pair_judge self or random "
+                            "(vote needs short answers to compare), and prompts come from --prompts")
 
 
 PRESETS = {
@@ -233,7 +236,9 @@ def judge_candidates(cfg: Config, chain: str, model_path: str, cands: list[dict]
     only measure: pair precision; None without an oracle). self: M(t) judges each candidate
     judge_samples times, the mean of the parsable scores counts (None if none parsed);
     oracle: the exact grade (the ceiling a perfect judge gives); random: a random number
-    (the control: no signal); noisy: the oracle reversed at --flip_rate (noisy_oracle)."""
+    (the control: no signal); noisy: the oracle reversed at --flip_rate (noisy_oracle);
+    vote: no judge at all, each candidate's share of the N samples giving its answer
+    (vote_shares: self-consistency, not the paper)."""
     oracle = [[source.oracle(c["prompt"], x) for x in c["candidates"]] for c in cands]
     if chain == "self":
         device = get_device(cfg.device)
@@ -253,7 +258,9 @@ def judge_candidates(cfg: Config, chain: str, model_path: str, cands: list[dict]
                  **({"reference": refs[i * n]} if refs else {})}
                 for i, (c, o) in enumerate(zip(cands, oracle))]
     rng = random.Random(stage_seed(cfg, *seed, "judge"))
-    if chain == "noisy":
+    if chain == "vote":
+        scores = [vote_shares(c["candidates"]) for c in cands]
+    elif chain == "noisy":
         scores = [noisy_oracle(o, cfg.flip_rate, cfg.flip_ties, rng) for o in oracle]
     else:
         scores = [[float(p) for p in o] if chain == "oracle" else [rng.random() for _ in o] for o in oracle]
@@ -270,6 +277,25 @@ def noisy_oracle(points: list[int], flip_rate: float, flip_ties: bool, rng) -> l
         return [rng.random() for _ in points] if flip_ties else [float(p) for p in points]
     sign = -1.0 if rng.random() < flip_rate else 1.0
     return [sign * p for p in points]
+
+
+def normalize_answer(text: str) -> str:
+    """The answer a vote compares: lower case, runs of white space as one space, no final
+    full stop or exclamation mark ("Sorted: 1, 2." and "sorted:  1, 2" are one answer)."""
+    return re.sub(r"\s+", " ", text.strip().lower()).rstrip(" .!")
+
+
+def vote_shares(responses: list[str], extra_voters: list[str] = ()) -> list[float]:
+    """Self-consistency as the pair judge (Wang et al. 2023; majority voting as the reward in
+    TTRL, Zuo et al. 2025): per response, the share of all voters (the responses, then
+    extra_voters) whose answer equals its own, the response counting as its own voter.
+        score(y_i) = |{j : a(y_j) = a(y_i)}| / N,   a = normalize_answer
+    best vs worst is then the most common answer against the rarest; a prompt whose answers
+    are all different (or all the same) is a tie and gives no pair. It certifies a shared
+    answer, not a right one: it helps where the model's majority is more often right."""
+    answers = [normalize_answer(r) for r in list(responses) + list(extra_voters)]
+    counts = Counter(answers)
+    return [counts[a] / len(answers) for a in answers[: len(responses)]]
 
 
 def build_pairs(responses: list[str], scores: list[float | None], finished: list[bool] | None = None):

@@ -30,13 +30,13 @@ import argparse
 import itertools
 import json
 import os
-import re
 import sys
 from collections import Counter, defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tasks  # noqa: E402
+from self_reward import normalize_answer, vote_shares  # noqa: E402
 
 
 def agreement(oracle, scores) -> Counter:
@@ -60,20 +60,6 @@ def best_vs_worst(candidate_row, oracle, scores) -> str:
         return pair
     best, worst = pair
     return "right" if oracle[best] > oracle[worst] else "reversed" if oracle[best] < oracle[worst] else "oracle tie"
-
-
-def normalize_answer(text: str) -> str:
-    """The answer a vote compares: lower case, runs of white space as one space, no final
-    full stop or exclamation mark ("Sorted: 1, 2." and "sorted:  1, 2" are one answer)."""
-    return re.sub(r"\s+", " ", text.strip().lower()).rstrip(" .!")
-
-
-def vote_shares(responses: list[str], extra_voters: list[str] = ()) -> list[float]:
-    """Per response, the share of all voters (the responses, then extra_voters, e.g. the greedy
-    answer) whose answer equals its own; the response counts as its own voter."""
-    answers = [normalize_answer(r) for r in list(responses) + list(extra_voters)]
-    counts = Counter(answers)
-    return [counts[a] / len(answers) for a in answers[: len(responses)]]
 
 
 def with_tiebreak(primary: list[float], secondary: list) -> list:

@@ -96,11 +96,36 @@ def test_judge_diagnostics_vote_shares():
     only breaking the vote's ties."""
     diag = load_script("judge_diagnostics")
     responses = ["Sorted: 1, 2.", "sorted:  1, 2", "Sorted: 2, 1.", "SORTED: 1, 2!"]
-    assert diag.vote_shares(responses) == [0.75, 0.75, 0.25, 0.75]
-    assert diag.vote_shares(responses, ["Sorted: 2, 1"]) == [0.6, 0.6, 0.4, 0.6]
+    assert self_reward.vote_shares(responses) == [0.75, 0.75, 0.25, 0.75]
+    assert self_reward.vote_shares(responses, ["Sorted: 2, 1"]) == [0.6, 0.6, 0.4, 0.6]
     ranked = diag.with_tiebreak([0.75, 0.75, 0.25, 0.75], [1.0, 3.0, 5.0, None])
     assert ranked[3] is None
     assert ranked[1] > ranked[0] > ranked[2]  # the vote first (5.0 from the judge does not save 2, 1)
+
+
+def test_vote_pair_judge_prefers_the_majority_and_drops_ties():
+    """--pair_judge vote: the chosen response is the most common answer, the rejected the
+    rarest; all-different and all-alike prompts give no pair; the oracle's points are kept
+    for measuring only (a wrong majority is still chosen)."""
+    class Source:
+        def oracle(self, prompt, response):
+            return 5 if "1, 2" in response else 0
+
+    cfg = self_reward.Config(n_candidates=4)
+    cands = [
+        {"prompt": "p0", "candidates": ["Sorted: 1, 2.", "sorted: 1, 2", "Sorted: 2, 1.", "Sorted: 1, 2"]},
+        {"prompt": "p1", "candidates": ["Sorted: 2, 1.", "Sorted: 2, 1.", "Sorted: 2, 1.", "Sorted: 1, 2."]},
+        {"prompt": "p2", "candidates": ["a", "b", "c", "d"]},
+        {"prompt": "p3", "candidates": ["a.", "A", "a", "a!"]},
+    ]
+    for c in cands:
+        c["finished"] = [True] * 4
+    judgments = self_reward.judge_candidates(cfg, "vote", "", cands, Source(), ("vote", 1))
+    assert judgments[0]["scores"] == [0.75, 0.75, 0.25, 0.75] and judgments[0]["oracle"] == [5, 5, 0, 5]
+    assert [self_reward.build_pairs(c["candidates"], j["scores"], c["finished"])
+            for c, j in zip(cands, judgments)] == [(0, 2), (0, 3), "tie", "tie"]
+    pairs = self_reward.preference_pairs(cands, judgments)
+    assert [(p["chosen_oracle"], p["rejected_oracle"]) for p in pairs] == [(5, 0), (0, 5)]
 
 
 def test_pair_metrics_precision_and_saturation():
