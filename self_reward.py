@@ -101,6 +101,7 @@ class Config:
     k: int = 4
     judge_samples: int = 3
     temperature: float = 0.7
+    candidate_temperature: float = 0.0  # T of the N candidates only; 0 = --temperature (the paper: 0.7 throughout)
     top_p: float = 0.9
     top_k: int = 0  # 0: off
     max_new_tokens: int = 40  # response budget
@@ -148,7 +149,8 @@ class Config:
             "dpo_lr": (c.dpo_lr > 0, "> 0"), "dpo_epochs": (c.dpo_epochs > 0, "> 0"),
             "dpo_batch_size": (c.dpo_batch_size >= 1, ">= 1"),
             "k": (c.k >= 2, ">= 2"), "n_eval": (c.n_eval >= 1, ">= 1"), "n_eft_eval": (c.n_eft_eval >= 1, ">= 1"),
-            "temperature": (c.temperature > 0, "> 0"), "top_p": (0 < c.top_p <= 1, "in (0, 1]"),
+            "temperature": (c.temperature > 0, "> 0"), "candidate_temperature": (c.candidate_temperature >= 0, ">= 0"),
+            "top_p": (0 < c.top_p <= 1, "in (0, 1]"),
             "top_k": (c.top_k >= 0, ">= 0"), "max_new_tokens": (c.max_new_tokens >= 1, ">= 1"),
             "judge_max_new_tokens": (c.judge_max_new_tokens >= 1, ">= 1"),
             "eval_batch_size": (c.eval_batch_size >= 1, ">= 1"),
@@ -219,13 +221,15 @@ def self_rewarding(cfg: Config, source) -> dict[str, str]:
 
 
 def sample_candidates(cfg: Config, model_path: str, prompts: list[dict], seed: tuple) -> list[dict]:
-    """N responses per prompt from M(t) at T = temperature, top-p, one shared prefill per prompt.
+    """N responses per prompt from M(t) at T = candidate_temperature (or temperature), top-p, one
+    shared prefill per prompt.
     Rows {"prompt", "candidates": N texts, "finished": N bools (False: cut by the budget)}."""
     device = get_device(cfg.device)
     model, tok = load_policy(cfg, model_path, device)
     gen = torch.Generator(device).manual_seed(stage_seed(cfg, *seed, "candidates"))
     texts = [r["prompt"] for r in prompts]
-    out, finished = sample_responses(model, tok, texts, cfg.n_candidates, cfg.temperature, cfg.top_p,
+    temperature = cfg.candidate_temperature or cfg.temperature
+    out, finished = sample_responses(model, tok, texts, cfg.n_candidates, temperature, cfg.top_p,
                                      cfg.max_new_tokens, cfg.eval_batch_size, gen, "candidates", return_finished=True,
                                      top_k=cfg.top_k)
     return [{"prompt": p, "candidates": c, "finished": f} for p, c, f in zip(texts, out, finished)]

@@ -128,6 +128,23 @@ def test_vote_pair_judge_prefers_the_majority_and_drops_ties():
     assert [(p["chosen_oracle"], p["rejected_oracle"]) for p in pairs] == [(5, 0), (0, 5)]
 
 
+@pytest.mark.parametrize("candidate_temperature, expected", [(0.0, 0.7), (1.3, 1.3)])
+def test_candidates_sample_at_the_candidate_temperature(monkeypatch, candidate_temperature, expected):
+    """--candidate_temperature sets the T of the N candidates only (0 falls back to
+    --temperature, which the judge and the evaluation keep using)."""
+    seen = {}
+
+    def fake_sample(model, tok, texts, n, temperature, *args, **kw):
+        seen["T"] = temperature
+        return [["x"] * n for _ in texts], [[True] * n for _ in texts]
+
+    monkeypatch.setattr(self_reward, "load_policy", lambda cfg, path, device: (None, None))
+    monkeypatch.setattr(self_reward, "sample_responses", fake_sample)
+    cfg = self_reward.Config(temperature=0.7, candidate_temperature=candidate_temperature, device="cpu")
+    rows = self_reward.sample_candidates(cfg, "", [{"prompt": "p"}], ("vote", 1))
+    assert seen["T"] == expected and rows[0]["candidates"] == ["x"] * cfg.n_candidates
+
+
 def test_pair_metrics_precision_and_saturation():
     """Pair precision counts pairs whose chosen response the oracle also ranks higher; 5-vs-4
     counts pairs of a top score against a near-top one (judge saturation)."""
