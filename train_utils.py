@@ -664,8 +664,11 @@ def check_run_dir(cfg):
     cfg_path = os.path.join(cfg.run_dir, "config.json")
     if os.path.exists(cfg_path):
         old = read_json(cfg_path)
+        # a setting added to the code after the run was made counts as its default, so the run
+        # still resumes unless the new setting is given another value
+        defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
         changed = {k: (old.get(k), v) for k, v in dataclasses.asdict(cfg).items()
-                   if k not in ("device", "compile", "run_dir") and old.get(k) != v}
+                   if k not in ("device", "compile", "run_dir") and old.get(k, defaults[k]) != v}
         if changed:
             raise UserError(f"{cfg.run_dir} holds a run with other settings {changed} (old, new); "
                             "resume it with the same flags or choose another --run_dir")

@@ -109,6 +109,24 @@ def test_1_a_second_run_on_a_used_out_dir_is_refused_naming_the_first(tmp_path):
     out.close()
 
 
+def test_a_run_made_before_a_setting_existed_still_resumes(tmp_path):
+    """A run_dir whose config.json lacks a setting added to the code later resumes when the
+    setting keeps its default, and is refused, naming it, when it is given another value."""
+    for value, refused in ((0.0, False), (1.3, True)):
+        d = tmp_path / f"run_{value}"
+        d.mkdir()
+        old = dataclasses.asdict(self_reward.Config(run_dir=str(d)))
+        del old["candidate_temperature"]
+        (d / "config.json").write_text(json.dumps(old))
+        cfg = self_reward.Config(run_dir=str(d), candidate_temperature=value)
+        if refused:
+            with pytest.raises(UserError, match="candidate_temperature"):
+                self_reward.check_run_dir(cfg)
+        else:
+            self_reward.check_run_dir(cfg)
+            assert json.loads((d / "config.json").read_text())["candidate_temperature"] == 0.0
+
+
 def test_2_a_kill_at_any_moment_of_a_save_leaves_one_whole_checkpoint(models, tmp_path, monkeypatch):
     """Item 2: kill a save between any two of its renames: the next run finds the previous
     checkpoint or the new one, whole (weights and trainer state from the same step), resumes
