@@ -262,10 +262,17 @@ def judge_eval(model, tok, template: str, eft_eval, n_samples: int = 3, generato
                top_p: float = 0.9, top_k: int = 0, answer_max_new_tokens: int = 48) -> dict:
     """Reward-modeling metrics of `model` as a judge on the EFT evaluation set
     [(task, K responses, K oracle points)], each response judged n_samples times (with a
-    reference-guided template, against the model's own greedy answer to each prompt)."""
-    items = [(t.prompt, r) for t, rs, _ in eft_eval for r in rs]
-    js = judge.score(model, tok, template, items, n_samples, temperature, top_p, max_new_tokens, batch_size,
-                     generator, desc="judge eval", top_k=top_k, answer_max_new_tokens=answer_max_new_tokens)
+    reference-guided template, against the model's own greedy answer to each prompt; with a
+    pairwise one, every two responses compared in both orders, n_samples times each)."""
+    if judge.is_pairwise(template):  # each response scored by the share of its comparisons it wins
+        rows = judge.score_pairwise(model, tok, template, [(t.prompt, rs) for t, rs, _ in eft_eval], n_samples,
+                                    temperature, top_p, max_new_tokens, batch_size, generator, desc="judge eval",
+                                    top_k=top_k)
+        js = [j for row in rows for j in row]
+    else:
+        items = [(t.prompt, r) for t, rs, _ in eft_eval for r in rs]
+        js = judge.score(model, tok, template, items, n_samples, temperature, top_p, max_new_tokens, batch_size,
+                         generator, desc="judge eval", top_k=top_k, answer_max_new_tokens=answer_max_new_tokens)
     k = len(eft_eval[0][1])
     scores = [[j.score for j in js[i * k : (i + 1) * k]] for i in range(len(eft_eval))]
     out = reward_modeling(scores, [pts for _, _, pts in eft_eval])

@@ -6,6 +6,9 @@
   - `parse_score`                   the judge's text -> its final score in [0, 5], or None
   - `score`                         sample the judge several times per item, average the
                                     parsable scores; an item with none has no score
+  - `parse_verdict`, `score_pairwise`  a pairwise judge (judge_prompt_pairwise.txt, not the
+                                    paper's): two responses in both orders, each response
+                                    scored by the share of its comparisons it wins
 A parse failure is never turned into a score: it is None, counted and reported.
 """
 
@@ -28,6 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 WORLD_PROMPT = os.path.join(HERE, "judge_prompt.txt")  # the task world, the paper's pointwise judge
 REFERENCE_PROMPT = os.path.join(HERE, "judge_prompt_reference.txt")  # the task world, reference-guided
 REAL_PROMPT = os.path.join(HERE, "judge_prompt_real.txt")  # real text
+PAIRWISE_PROMPT = os.path.join(HERE, "judge_prompt_pairwise.txt")  # the task world, two responses compared
 
 
 def load_judge_template(path=None):
@@ -38,23 +42,42 @@ def load_judge_template(path=None):
         path = WORLD_PROMPT
     with open(path, encoding="utf-8") as f:
         template = f.read().strip()
-    for slot in ("{instruction}", "{response}"):
+    for slot in ("{instruction}",) + (("{response_a}", "{response_b}") if is_pairwise(template) else ("{response}",)):
         if slot not in template:
             raise ValueError(f"{path}: judge template has no {slot} placeholder")
+    if is_pairwise(template) and ("{response}" in template or "{reference}" in template):
+        raise ValueError(f"{path}: a pairwise judge template has {{response_a}} and {{response_b}}, "
+                         "not {response} or {reference}")
     return template
+
+
+def is_pairwise_file(path: str) -> bool:
+    """Whether the judge template at `path` is pairwise (False for no path or no such file:
+    loading it later reports that)."""
+    return bool(path) and os.path.isfile(path) and is_pairwise(load_judge_template(path))
 
 
 def fill(template, instruction, response, reference=None):
     """Fill the judge template. One regex pass, so braces in the instruction or response
-    (even a literal "{response}" inside the instruction) are left exactly as written."""
+    (even a literal "{response}" inside the instruction) are left exactly as written.
+    A pairwise template takes `response` as the pair (response A, response B)."""
     if ("{reference}" in template) != (reference is not None):
         raise ValueError("a reference answer is needed exactly when the template has a {reference} slot")
+    if is_pairwise(template) != isinstance(response, tuple):
+        raise ValueError("a pairwise template takes a pair of responses (A, B), a pointwise one a single response")
     values = {"instruction": instruction, "response": response, "reference": reference}
-    return re.sub(r"\{(instruction|response|reference)\}", lambda m: values[m.group(1)], template)
+    if is_pairwise(template):
+        values.update(response_a=response[0], response_b=response[1])
+    return re.sub(r"\{(instruction|response_a|response_b|response|reference)\}", lambda m: values[m.group(1)], template)
 
 
 def is_reference_guided(template: str) -> bool:
     return "{reference}" in template
+
+
+def is_pairwise(template: str) -> bool:
+    """A template that shows two responses and asks which is better (judge_prompt_pairwise.txt)."""
+    return "{response_a}" in template
 
 
 # -----------------------------------------------------------------------------
@@ -139,6 +162,66 @@ def reference_answers(model: Transformer, tok: Tokenizer, instructions: list[str
     answers = sample_responses(model, tok, distinct, 1, 0.0, 1.0, max_new_tokens, batch_size, None, "reference answers")
     by_instruction = {q: a[0] if a[0] is not None else "" for q, a in zip(distinct, answers)}
     return [by_instruction[q] for q in instructions]
+
+
+# A pairwise verdict: "Better: A", "Better: B" or "Better: same", the LAST such statement
+# counting (as with the score); anything else there ("Better: both", "Better:") is unreadable.
+VERDICT_RE = re.compile(r"\bbetter[ \t]*:[ \t]*([^\s.,;]*)", re.IGNORECASE)  # the verdict on the same line
+VERDICT_POINTS = {"a": 1.0, "b": 0.0, "same": 0.5}  # what response A earns from one verdict
+
+
+def parse_verdict(text: str | None) -> float | None:
+    """Response A's share of one pairwise verdict: 1 (A better), 0 (B better), 0.5 (same),
+    or None when the judge gave no readable verdict. A failure never becomes a verdict."""
+    found = VERDICT_RE.findall(text or "")
+    return VERDICT_POINTS.get(found[-1].lower()) if found else None
+
+
+def score_pairwise(model: Transformer, tok: Tokenizer, template: str, groups: list[tuple[str, list[str]]],
+                   n_samples: int = 3, temperature: float = 0.7, top_p: float = 0.9,
+                   max_new_tokens: int = 64, batch_size: int = 64, generator=None,
+                   desc: str = "pairwise judging", top_k: int = 0) -> list[list[Judgment]]:
+    """Pairwise judging (not the paper's: its judge scores one response at a time). For each
+    (instruction, responses) group, every two distinct responses are compared in both orders,
+    n_samples verdicts each, so a judge that always prefers the first position (or the
+    second) gives every response the same share: the position bias cancels, and orders
+    that disagree amount to "same". A response's score is its average win rate:
+        score(y_i) = mean over its readable verdicts v of v's points for y_i
+    (1 a win, 0.5 "same", 0 a loss); None if none of its verdicts was readable. A group with
+    one distinct response has nothing to compare: each gets 0.5 from no verdict (a tie, as a
+    pointwise judge would score identical texts alike). Identical texts share one score.
+    Cost: d (d - 1) n_samples judge prompts for d distinct responses (N = 8 candidates with 4
+    distinct answers and 3 samples: 36, against 12 for the pointwise judge's 4 distinct texts)."""
+    keys, owners = [], []  # (instruction, (A, B)) prompts to sample; (group, A, B) for each
+    for g, (instruction, responses) in enumerate(groups):
+        distinct = list(dict.fromkeys(responses))
+        for a in distinct:
+            for b in distinct:
+                if a != b:
+                    keys.append((instruction, (a, b)))
+                    owners.append((g, a, b))
+    texts = sample_responses(model, tok, [fill(template, q, ab) for q, ab in keys], n_samples, temperature,
+                             top_p, max_new_tokens, batch_size, generator, desc, top_k=top_k)
+    got = [dict() for _ in groups]  # per group: response -> ([its points per verdict], [texts])
+    for (g, a, b), t in zip(owners, texts):
+        for text in t:
+            v = parse_verdict(text)
+            for r, points in ((a, v), (b, None if v is None else 1.0 - v)):
+                ps, ts = got[g].setdefault(r, ([], []))
+                ps.append(points)
+                ts.append(text)
+    out = []
+    for (_, responses), mine in zip(groups, got):
+        if len(set(responses)) == 1:
+            out.append([Judgment(0.5, [], []) for _ in responses])
+            continue
+        row = []
+        for r in responses:
+            ps, ts = mine[r]
+            valid = [p for p in ps if p is not None]
+            row.append(Judgment(sum(valid) / len(valid) if valid else None, ps, ts))
+        out.append(row)
+    return out
 
 
 def parse_failure_rate(judgments: list[Judgment]) -> float:

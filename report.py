@@ -74,6 +74,7 @@ def pair_metrics(cands, judgments, pairs, outcomes) -> dict:
     precision, the share of pairs whose chosen response the oracle also prefers."""
     samples = [s for j in judgments for per in j.get("samples", []) for s in per]
     hist = Counter(round(s) for s in samples if s is not None)
+    pairwise = bool(judgments) and judgments[0].get("pairwise", False)  # samples are verdicts, scores win shares
     n = len(pairs)
     mean = lambda xs: sum(xs) / len(xs) if xs else None
     share = lambda k: 100 * k / n if n else None  # of the pairs; None without any
@@ -85,8 +86,9 @@ def pair_metrics(cands, judgments, pairs, outcomes) -> dict:
         "outcomes": dict(outcomes),
         "tie_rate": 100 * outcomes.get("tie", 0) / max(1, len(cands)),
         "parse_failure_rate": 100 * sum(s is None for s in samples) / len(samples) if samples else None,
-        "judge_score_hist": [hist.get(k, 0) for k in range(6)],
-        "five_vs_four": share(sum(p["chosen_score"] >= 4.5 and p["rejected_score"] >= 3.5 for p in pairs)),
+        "judge_score_hist": None if pairwise else [hist.get(k, 0) for k in range(6)],
+        "five_vs_four": None if pairwise else share(sum(p["chosen_score"] >= 4.5 and p["rejected_score"] >= 3.5
+                                                        for p in pairs)),
         "chosen_length": mean([len(p["chosen"]) for p in pairs]),
         "rejected_length": mean([len(p["rejected"]) for p in pairs]),
         **({
@@ -220,7 +222,7 @@ def report(cfg: Config, results: dict, iters: dict, times: dict) -> str:
             f = m["prompt_filter"]
             lines.append(f"| {n} | {m['prompts']} ({', '.join(f'{k} {v}' for k, v in f.items())}) | "
                          f"{m['pairs']} ({m['pair_yield']:.0f}) | {m['tie_rate']:.1f} | {fmt(m['parse_failure_rate'])} | "
-                         f"{m['judge_score_hist']} | {fmt(m['five_vs_four'])} | {fmt(m['chosen_length'])} / "
+                         f"{m['judge_score_hist'] or 'n/a (pairwise)'} | {fmt(m['five_vs_four'])} | {fmt(m['chosen_length'])} / "
                          f"{fmt(m['rejected_length'])} | {fmt(m['pair_precision'])} ({fmt(m['pair_oracle_tie'])} / "
                          f"{fmt(m['pair_reversed'])}) |")
     lines += ["", "## Time (seconds)", "", "| stage | train / steps | eval |", "|---|---|---|"]

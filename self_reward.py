@@ -158,6 +158,9 @@ class Config:
         if c.init and ({"oracle", "noisy", "vote"} & set(pair_judges(c)) or c.prompt_generator != "base"):
             raise UserError("with --init there is no oracle and no world: --pair_judge self or random "
                             "(vote needs short answers to compare), and prompts come from --prompts")
+        if judge.is_pairwise_file(c.judge_prompt) and (c.init or c.eft_group < 2 or c.aift != "pairs"):
+            raise UserError(f"--judge_prompt {c.judge_prompt} is pairwise: it learns from EFT groups of the task world "
+                            "(--eft_group 2 or more, not with --init), and its win shares make pairs, not --aift positive")
 
 
 PRESETS = {
@@ -240,7 +243,9 @@ def judge_candidates(cfg: Config, chain: str, model_path: str, cands: list[dict]
     only measure: pair precision; None without an oracle). self: M(t) judges each candidate
     judge_samples times, the mean of the parsable scores counts (None if none parsed);
     oracle: the exact grade (the ceiling a perfect judge gives); random: a random number
-    (the control: no signal); noisy: the oracle reversed at --flip_rate (noisy_oracle);
+    (the control: no signal); with a pairwise --judge_prompt, self scores each candidate by
+    the share of its comparisons with the others that it wins (judge.score_pairwise, both
+    orders; not the paper's); noisy: the oracle reversed at --flip_rate (noisy_oracle);
     vote: no judge at all, each candidate's share of the N samples giving its answer
     (vote_shares: self-consistency, not the paper)."""
     oracle = [[source.oracle(c["prompt"], x) for x in c["candidates"]] for c in cands]
@@ -248,6 +253,13 @@ def judge_candidates(cfg: Config, chain: str, model_path: str, cands: list[dict]
         device = get_device(cfg.device)
         model, tok = load_policy(cfg, model_path, device)
         gen = torch.Generator(device).manual_seed(stage_seed(cfg, *seed, "judge"))
+        if judge.is_pairwise(source.template):  # not the paper's: two candidates at a time, both orders
+            js = judge.score_pairwise(model, tok, source.template, [(c["prompt"], c["candidates"]) for c in cands],
+                                      cfg.judge_samples, cfg.temperature, cfg.top_p, cfg.judge_max_new_tokens,
+                                      cfg.eval_batch_size, gen, top_k=cfg.top_k)
+            return [{"prompt": c["prompt"], "scores": [j.score for j in row], "samples": [j.samples for j in row],
+                     "texts": [j.texts for j in row], "oracle": o, "pairwise": True}
+                    for c, row, o in zip(cands, js, oracle)]
         items = [(c["prompt"], x) for c in cands for x in c["candidates"]]
         refs = None  # a reference-guided judge first answers each prompt itself, greedily
         if judge.is_reference_guided(source.template):

@@ -122,8 +122,15 @@ def world_examples(cfg: SFTConfig) -> tuple[list[tuple[str, str]], list[tuple[st
 
 def eft_examples(cfg: SFTConfig, seed: int, n: int, pool=None) -> list[tuple[str, str]]:
     """(filled judge prompt, judge target) pairs of the world's EFT data, in --judge_prompt's
-    template (a reference-guided template gets examples with a reference answer)."""
+    template (a reference-guided template gets examples with a reference answer, a pairwise
+    one pairs of responses to one question)."""
     template = judge.load_judge_template(cfg.judge_prompt or None)
+    if judge.is_pairwise(template):  # two responses to one question (from an EFT group), a verdict between them
+        if judge.is_reference_guided(template):
+            raise UserError(f"{cfg.judge_prompt}: a pairwise judge takes no reference answer")
+        # (SFTConfig asks M1 for --eft_group >= 2; M0's tokenizer corpus, eft_group 1, gets pairs of groups of 2)
+        return [(judge.fill(template, q, ab), target)
+                for q, ab, target in tasks.eft_pairs(seed, n, max(2, cfg.eft_group), pool)]
     reference = judge.is_reference_guided(template)
     return [(judge.fill(template, q, r, *ref), target)
             for q, r, target, *ref in tasks.eft_seed(seed, n, pool, reference=reference, group=cfg.eft_group)]
@@ -226,6 +233,8 @@ class SFTConfig(RunFlags, OptimFlags):
             "n_kv_heads": (c.n_kv_heads >= 1, ">= 1"), "n_layers": (c.n_layers >= 1, ">= 1"),
             "max_seq_len": (c.max_seq_len >= 0, ">= 0"),
         })
+        if c.mode == "sft" and c.n_eft and c.eft_group < 2 and judge.is_pairwise_file(c.judge_prompt):
+            raise UserError(f"--judge_prompt {c.judge_prompt} is pairwise: its EFT pairs come from groups, --eft_group 2 or more")
 
 
 # -----------------------------------------------------------------------------

@@ -936,15 +936,28 @@ def eft_seed(seed, n, pool=None, pool_share=0.5, reference=False, group=1):
 
 
 def eft_groups(seed, n, group, pool=None, pool_share=0.5, reference=False):
-    """n EFT examples in groups: one training question with up to `group` responses that earn
+    """n EFT examples in groups (eft_group_list): one training question with up to `group`
+    responses of different scores. Returns what eft_seed returns, shuffled, so a group is
+    spread over batches."""
+    rng = _rng("eft-groups", seed)
+    out = []
+    for graded, responses in eft_group_list(rng, n, group, pool, pool_share, reference):
+        for response in responses:
+            example = (graded.prompt, response, judge_target(graded, grade(graded, response)))
+            out.append(example + (graded.gold,) if reference else example)
+    rng.shuffle(out)
+    return out
+
+
+def eft_group_list(rng, n, group, pool=None, pool_share=0.5, reference=False):
+    """Questions with n responses in all: one training question with up to `group` responses that earn
     different scores -- the gold, its near misses (one item swapped, dropped or off by one),
     answers of the wrong kind, and with `pool` the policy's own samples of that question when
     they have a score the group needs. The target scores come in turn from EFT_SCORES, as in
     eft_seed, so the mix stays balanced: a score the group already has (but a second zero in a
     group of 4 or more), or that this question cannot reach, waits for the next group. Each
-    question is used once. Returns what eft_seed returns, shuffled, so a group is spread over
-    batches."""
-    rng = _rng("eft-groups", seed)
+    question is used once. Returns [(task, its responses)], the task graded against (with
+    reference=True, eft_reference's). rng: a random.Random, drawn from."""
     own = {}  # prompt -> (task, the policy's distinct responses, in order)
     for task, response in pool or []:
         rs = own.setdefault(task.prompt, (task, []))[1]
@@ -952,8 +965,8 @@ def eft_groups(seed, n, group, pool=None, pool_share=0.5, reference=False):
             rs.append(response)
     pooled = list(own.values())
     rng.shuffle(pooled)
-    out, used, queue, i = [], set(), [], 0
-    while len(out) < n:
+    out, used, queue, i, total = [], set(), [], 0, 0
+    while total < n:
         if pooled and rng.random() < pool_share:
             task, mine = pooled.pop()
         else:
@@ -982,11 +995,51 @@ def eft_groups(seed, n, group, pool=None, pool_share=0.5, reference=False):
                 scores.add(target)
                 queue[j] = None  # served
         queue = [t for t in queue if t is not None]
-        for response in responses[:n - len(out)]:
-            example = (graded.prompt, response, judge_target(graded, grade(graded, response)))
-            out.append(example + (graded.gold,) if reference else example)
-    rng.shuffle(out)
+        responses = responses[:n - total]
+        if responses:
+            out.append((graded, responses))
+            total += len(responses)
     return out
+
+
+def missed_point(g):
+    """One response's line of a pairwise judgment: the first rubric point it misses (what the
+    pointwise judge writes for it) and its points, e.g. "misses correct: wrong order, 3 points"."""
+    first = next((r for r in g.reasons if r.startswith("+0")), None)
+    if first is None:
+        return "misses nothing, 5 points"
+    return f"misses {first.split(' ', 1)[1]}, {g.points} points"
+
+
+def pairwise_target(task, grade_a, grade_b):
+    """What the pairwise judge should write (judge_prompt_pairwise.txt): what the question asks
+    for, each response's first missed point and its points, then the verdict by the points."""
+    verdict = "A" if grade_a.points > grade_b.points else "B" if grade_b.points > grade_a.points else "same"
+    return "\n".join([f"Asked for: {asked_for(task)}.", f"A {missed_point(grade_a)}", f"B {missed_point(grade_b)}",
+                      f"Better: {verdict}"])
+
+
+def eft_pairs(seed, n, group, pool=None, pool_share=0.5):
+    """n pairwise EFT examples (instruction, (response A, response B), target): every two
+    responses of an EFT group (eft_group_list: the same training question, different scores,
+    the policy's own samples among them), each pair in a random order, so A and B win about
+    equally often. A group of g gives g (g - 1) / 2 of them."""
+    if group < 2:
+        raise ValueError("pairwise EFT needs groups of at least 2 responses per question (--eft_group >= 2)")
+    rng = _rng("eft-pairs", seed)
+    out = []
+    # g responses to one question make g (g - 1) / 2 pairs, (g - 1) / 2 per response; groups come
+    # out smaller where a question cannot reach a score, so ask for 1.5x that many responses, and
+    # at least two groups' worth
+    for task, responses in eft_group_list(rng, max(2 * group, -(-3 * n // (group - 1))), group, pool, pool_share):
+        for i in range(len(responses)):
+            for j in range(i + 1, len(responses)):
+                a, b = (responses[i], responses[j]) if rng.random() < 0.5 else (responses[j], responses[i])
+                out.append((task.prompt, (a, b), pairwise_target(task, grade(task, a), grade(task, b))))
+    rng.shuffle(out)
+    if len(out) < n:
+        raise RuntimeError(f"pairwise EFT: only {len(out)} pairs for {n}")
+    return out[:n]
 
 
 def _new_heldout_task(rng, family, seen, tries=500):

@@ -130,6 +130,11 @@ def main():
     p.add_argument("--judge_prompt", default=None, help="the template the run judged with (default judge_prompt.txt)")
     p.add_argument("--greedy", default="", help="M(t)'s checkpoint: also measure agreement with its greedy answer")
     a = p.parse_args()
+    if a.expected and a.judge_prompt:
+        import judge
+
+        if judge.is_pairwise_file(a.judge_prompt):
+            p.error("--expected reads a score digit; a pairwise judge writes a verdict (A, B or same) instead")
     read = lambda name: [json.loads(line) for line in open(os.path.join(a.iter_dir, name))]
     candidates, judgments = read("candidates.jsonl"), read("judgments.jsonl")
     distinct = [len({normalize_answer(x) for x in c["candidates"]}) for c in candidates]

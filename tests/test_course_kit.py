@@ -133,3 +133,23 @@ def test_markers_are_checked(tmp_path):
     with pytest.raises(NotImplementedError, match="exercise gae .*tests/course/test_gae.py"):
         namespace["f"](1)
     assert namespace["f"].__doc__ == "doc"
+
+
+def test_readme_reading_order_names_functions_that_exist():
+    """The README's reading order points at objectives by file and name: each name (after its
+    file, `a.py` `f` `g`) must be a function or class defined at the top level of that file,
+    so a rename breaks this test instead of leaving the guide pointing at nothing."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    section = readme.split("## Reading order", 1)[1].split("\n## ", 1)[0]
+    names, current = [], None
+    for token in re.findall(r"`([^`]+)`", section):
+        if token.endswith(".py"):
+            current = token
+        else:
+            names.append((current, token))
+    assert len(names) >= 15
+    for path, name in names:
+        with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+            source = f.read()
+        assert re.search(rf"^(def|class) {re.escape(name)}\b", source, re.MULTILINE), f"README: {path} has no {name}"

@@ -121,3 +121,174 @@ def test_the_noisy_judge_keeps_the_true_oracle_points_for_measuring(monkeypatch)
         assert row["oracle"] == [5, 3, 0]
         best = max(range(3), key=lambda i: row["scores"][i])
         assert row["oracle"][best] == 0
+
+
+# -----------------------------------------------------------------------------
+# The pairwise judge (judge_prompt_pairwise.txt; not the paper's)
+
+
+@pytest.mark.parametrize("text, share", [
+    ("Asked for: one number.\nA misses nothing, 5 points\nB misses correct: off by one, 3 points\nBetter: A", 1.0),
+    ("better: b", 0.0), ("Better: same", 0.5), ("Better: SAME.", 0.5),
+    ("Better: A\nOn second thought... Better: B", 0.0),  # the last statement is the verdict
+    ("Better: both", None), ("Better:", None), ("A is better", None), ("", None), (None, None),
+    ("Better:\nA misses nothing, 5 points", None),  # a verdict is on its own line, not the next one's
+])
+def test_parse_verdict_reads_the_last_statement_and_never_guesses(text, share):
+    assert judge.parse_verdict(text) == share
+
+
+def pairwise_fake(prefer):
+    """A fake pairwise judge: `prefer(a, b)` -> "A", "B", "same" or unreadable text, read from
+    the filled prompt's two response lines."""
+    def answer(prompt, i):
+        a = prompt.split("Response A: ")[1].split("\n")[0]
+        b = prompt.split("Response B: ")[1].split("\n")[0]
+        return f"Better: {prefer(a, b)}"
+    return FakeJudge(answer)
+
+
+def test_pairwise_judging_asks_both_orders_so_position_bias_cancels(monkeypatch):
+    """Every two distinct responses are shown in both orders: a judge that always says "A" (or
+    always "B") gives every response the same win share, so no pair can come of it."""
+    template = judge.load_judge_template(judge.PAIRWISE_PROMPT)
+    for always in ("A", "B"):
+        fake = pairwise_fake(lambda a, b: always)
+        monkeypatch.setattr(judge, "sample_responses", fake)
+        [row] = judge.score_pairwise(None, None, template, [("q", ["x", "y", "z", "x"])], n_samples=2)
+        assert len(fake.prompts) == 6  # 3 distinct responses: 3 pairs x 2 orders, the duplicate not again
+        assert [j.score for j in row] == [0.5] * 4
+        assert self_reward.build_pairs(["x", "y", "z", "x"], [j.score for j in row]) == "tie"
+
+
+def test_pairwise_scores_are_win_shares_and_a_parse_failure_counts_for_nothing(monkeypatch):
+    """A judge that prefers the longer response in either position ranks the responses by
+    length (win shares 1, 1/2, 0); "same" is half a win; a response whose every verdict is
+    unreadable gets no score, and a group with one distinct response gets none either."""
+    template = judge.load_judge_template(judge.PAIRWISE_PROMPT)
+    monkeypatch.setattr(judge, "sample_responses", pairwise_fake(
+        lambda a, b: "A" if len(a) > len(b) else "B" if len(b) > len(a) else "same"))
+    [row] = judge.score_pairwise(None, None, template, [("q", ["bb", "ccc", "a"])])
+    assert [j.score for j in row] == [0.5, 1.0, 0.0]
+    assert self_reward.build_pairs(["bb", "ccc", "a"], [j.score for j in row]) == (1, 2)
+    monkeypatch.setattr(judge, "sample_responses", pairwise_fake(lambda a, b: "same"))
+    [row] = judge.score_pairwise(None, None, template, [("q", ["bb", "cc"])])
+    assert [j.score for j in row] == [0.5, 0.5]
+    fake = pairwise_fake(lambda a, b: "unsure" if "zz" in (a, b) else ("A" if a < b else "B"))
+    monkeypatch.setattr(judge, "sample_responses", fake)
+    [row, alone, spaced] = judge.score_pairwise(None, None, template, [
+        ("q", ["aa", "bb", "zz"]), ("q2", ["aa", "aa"]), ("q3", ["x", " x", "y"])])
+    assert [j.score for j in row] == [1.0, 0.0, None] and row[2].samples == [None] * 12  # 2 opponents x 2 orders x 3
+    assert judge.parse_failure_rate(row) == pytest.approx(24 / 36)
+    # one distinct response: nothing to compare, nothing sampled, a tie (not "too few scores")
+    assert [j.score for j in alone] == [0.5, 0.5] and all("Question: q2\n" not in p for p in fake.prompts)
+    assert self_reward.build_pairs(["aa", "aa"], [j.score for j in alone]) == "tie"
+    # texts are compared exactly, as judge.score compares them: " x" is its own response
+    assert len([p for p in fake.prompts if "Question: q3\n" in p]) == 6  # 3 distinct: 3 pairs x 2 orders
+
+
+def test_pairwise_template_takes_two_responses_and_refuses_one():
+    t = judge.load_judge_template(judge.PAIRWISE_PROMPT)
+    assert judge.is_pairwise(t) and not judge.is_pairwise(judge.load_judge_template())
+    filled = judge.fill(t, "Add 2 and 3.", ("The sum is {response}.", "The sum is 5."))
+    assert "Response A: The sum is {response}.\nResponse B: The sum is 5." in filled
+    with pytest.raises(ValueError, match="pair"):
+        judge.fill(t, "Add 2 and 3.", "The sum is 5.")
+    with pytest.raises(ValueError, match="pair"):
+        judge.fill(judge.load_judge_template(), "Add 2 and 3.", ("a", "b"))
+
+
+def test_pairwise_eft_verdicts_follow_the_oracle_and_both_positions_win():
+    """Each pairwise EFT example shows two responses to one training question; its verdict is
+    the one the oracle's points give, each response's line names its points, and A wins about
+    as often as B (within 4 binomial standard deviations of a half)."""
+    examples = tasks.eft_pairs(11, 600, 4)
+    a_wins = b_wins = 0
+    for prompt, (a, b), target in examples:
+        task = tasks.parse_task(prompt)
+        ga, gb = tasks.grade(task, a), tasks.grade(task, b)
+        assert a != b and not tasks.is_heldout(task)
+        assert judge.parse_verdict(target) == (1.0 if ga.points > gb.points else 0.0 if gb.points > ga.points else 0.5)
+        assert f"A {tasks.missed_point(ga)}" in target and f"{gb.points} points" in target.split("\n")[2]
+        a_wins += ga.points > gb.points
+        b_wins += gb.points > ga.points
+    n = a_wins + b_wins
+    assert abs(a_wins - n / 2) < 4 * (n / 4) ** 0.5
+    assert len(examples) == 600 and len({p for p, _, _ in examples}) < 200  # questions come in groups
+
+
+@pytest.mark.parametrize("flags", [dict(eft_group=1), dict(eft_group=4, init="some/model"),
+                                   dict(eft_group=4, aift="positive")])
+def test_a_pairwise_judge_is_refused_where_it_cannot_work(flags):
+    """It learns from EFT groups of the task world, and its win shares (0..1) make pairs, never
+    the 5s that --aift positive keeps: each is refused before anything trains."""
+    with pytest.raises(self_reward.UserError, match="pairwise"):
+        self_reward.Config(judge_prompt=judge.PAIRWISE_PROMPT, **flags)
+    self_reward.Config(judge_prompt=judge.PAIRWISE_PROMPT, eft_group=4)
+    import sft
+
+    with pytest.raises(self_reward.UserError, match="pairwise"):
+        sft.SFTConfig(mode="sft", n_eft=10, eft_group=1, judge_prompt=judge.PAIRWISE_PROMPT)
+    sft.SFTConfig(mode="pretrain", judge_prompt=judge.PAIRWISE_PROMPT)  # M0's tokenizer corpus: fine
+
+
+def test_a_pairwise_template_with_a_single_response_slot_is_refused(tmp_path):
+    bad = tmp_path / "mixed.txt"
+    bad.write_text("Q: {instruction}\nA: {response_a}\nB: {response_b}\nAlso: {response}\n")
+    with pytest.raises(ValueError, match="pairwise"):
+        judge.load_judge_template(str(bad))
+
+
+def test_the_loop_judges_candidates_pairwise_and_reports_no_score_histogram(monkeypatch):
+    """judge_candidates with a pairwise template: every candidate gets its win share (a judge
+    that prefers the oracle's better answer ranks the right one first), the rows are marked
+    pairwise, and the iteration's metrics carry no 0..5 histogram or 5-vs-4 share (a win share
+    is no score)."""
+    import report
+
+    def oracle_verdict(prompt, i):
+        task = tasks.parse_task(prompt.split("Question: ")[1].split("\n")[0])
+        a = prompt.split("Response A: ")[1].split("\nResponse B: ")[0]
+        b = prompt.split("Response B: ")[1].split("\n")[0]
+        pa, pb = tasks.grade(task, a).points, tasks.grade(task, b).points
+        return "Better: " + ("A" if pa > pb else "B" if pb > pa else "same")
+
+    class Source:
+        template = judge.load_judge_template(judge.PAIRWISE_PROMPT)
+        oracle = staticmethod(lambda prompt, response: tasks.grade(tasks.parse_task(prompt), response).points)
+
+    monkeypatch.setattr(self_reward, "load_policy", lambda cfg, path, device: (None, None))
+    monkeypatch.setattr(judge, "sample_responses", FakeJudge(oracle_verdict))
+    cfg = self_reward.Config(judge_prompt=judge.PAIRWISE_PROMPT, eft_group=4, n_candidates=3)
+    cands = [{"prompt": "Add 2 and 3.", "candidates": ["The sum is 6.", "The sum is 5.", "The sum is 5."],
+              "finished": [True] * 3}]
+    [row] = self_reward.judge_candidates(cfg, "self", "M1", cands, Source(), ("self", 1))
+    assert row["pairwise"] and row["scores"] == [0.0, 1.0, 1.0] and row["oracle"] == [3, 5, 5]
+    pairs = self_reward.preference_pairs(cands * 2, [row, row])
+    assert pairs[0]["chosen"] == "The sum is 5." and pairs[0]["rejected"] == "The sum is 6."
+    m = report.pair_metrics(cands * 2, [row, row], pairs, {"pair": 2})
+    assert m["judge_score_hist"] is None and m["five_vs_four"] is None and m["pair_precision"] == 100.0
+
+
+def test_judge_eval_with_a_pairwise_template_ranks_by_win_share(monkeypatch):
+    """evaluate.judge_eval on the held-out judge set with a pairwise template: a fake judge
+    that answers as the oracle does ranks every prompt's responses as the oracle does (τ 1,
+    pairwise accuracy 100%); the same judge with its verdicts swapped ranks them backwards."""
+    import evaluate
+
+    def oracle_verdict(prompt, i, flip=False):
+        task = tasks.parse_task(prompt.split("Question: ")[1].split("\n")[0])
+        a = prompt.split("Response A: ")[1].split("\nResponse B: ")[0]
+        b = prompt.split("Response B: ")[1].split("\n")[0]
+        pa, pb = tasks.grade(task, a).points, tasks.grade(task, b).points
+        if flip:
+            pa, pb = pb, pa
+        return "Better: " + ("A" if pa > pb else "B" if pb > pa else "same")
+
+    eft_eval = tasks.eft_eval_set(3, 6, 4)
+    template = judge.load_judge_template(judge.PAIRWISE_PROMPT)
+    monkeypatch.setattr(judge, "sample_responses", FakeJudge(oracle_verdict))
+    out = evaluate.judge_eval(None, None, template, eft_eval, n_samples=1)
+    assert out["kendall_tau"] == pytest.approx(1.0) and out["pairwise_accuracy"] == 100.0
+    monkeypatch.setattr(judge, "sample_responses", FakeJudge(lambda p, i: oracle_verdict(p, i, flip=True)))
+    assert evaluate.judge_eval(None, None, template, eft_eval, n_samples=1)["kendall_tau"] == pytest.approx(-1.0)
