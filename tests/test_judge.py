@@ -148,6 +148,18 @@ def pairwise_fake(prefer):
     return FakeJudge(answer)
 
 
+def oracle_verdict(prompt, i, flip=False):
+    """A fake pairwise judge that answers as the oracle does (flip: the other way round), read
+    from the filled judge prompt's question and two responses."""
+    task = tasks.parse_task(prompt.split("Question: ")[1].split("\n")[0])
+    a = prompt.split("Response A: ")[1].split("\nResponse B: ")[0]
+    b = prompt.split("Response B: ")[1].split("\n")[0]
+    pa, pb = tasks.grade(task, a).points, tasks.grade(task, b).points
+    if flip:
+        pa, pb = pb, pa
+    return "Better: " + ("A" if pa > pb else "B" if pb > pa else "same")
+
+
 def test_pairwise_judging_asks_both_orders_so_position_bias_cancels(monkeypatch):
     """Every two distinct responses are shown in both orders: a judge that always says "A" (or
     always "B") gives every response the same win share, so no pair can come of it."""
@@ -246,13 +258,6 @@ def test_the_loop_judges_candidates_pairwise_and_reports_no_score_histogram(monk
     is no score)."""
     import report
 
-    def oracle_verdict(prompt, i):
-        task = tasks.parse_task(prompt.split("Question: ")[1].split("\n")[0])
-        a = prompt.split("Response A: ")[1].split("\nResponse B: ")[0]
-        b = prompt.split("Response B: ")[1].split("\n")[0]
-        pa, pb = tasks.grade(task, a).points, tasks.grade(task, b).points
-        return "Better: " + ("A" if pa > pb else "B" if pb > pa else "same")
-
     class Source:
         template = judge.load_judge_template(judge.PAIRWISE_PROMPT)
         oracle = staticmethod(lambda prompt, response: tasks.grade(tasks.parse_task(prompt), response).points)
@@ -275,15 +280,6 @@ def test_judge_eval_with_a_pairwise_template_ranks_by_win_share(monkeypatch):
     that answers as the oracle does ranks every prompt's responses as the oracle does (τ 1,
     pairwise accuracy 100%); the same judge with its verdicts swapped ranks them backwards."""
     import evaluate
-
-    def oracle_verdict(prompt, i, flip=False):
-        task = tasks.parse_task(prompt.split("Question: ")[1].split("\n")[0])
-        a = prompt.split("Response A: ")[1].split("\nResponse B: ")[0]
-        b = prompt.split("Response B: ")[1].split("\n")[0]
-        pa, pb = tasks.grade(task, a).points, tasks.grade(task, b).points
-        if flip:
-            pa, pb = pb, pa
-        return "Better: " + ("A" if pa > pb else "B" if pb > pa else "same")
 
     eft_eval = tasks.eft_eval_set(3, 6, 4)
     template = judge.load_judge_template(judge.PAIRWISE_PROMPT)
