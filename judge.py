@@ -6,9 +6,10 @@
   - `parse_score`                   the judge's text -> its final score in [0, 5], or None
   - `score`                         sample the judge several times per item, average the
                                     parsable scores; an item with none has no score
-  - `parse_verdict`, `score_pairwise`  a pairwise judge (judge_prompt_pairwise.txt, not the
-                                    paper's): two responses in both orders, each response
-                                    scored by the share of its comparisons it wins
+  - `parse_verdict`, `compare_pairs`, `win_shares`, `score_pairwise`  a pairwise judge
+                                    (judge_prompt_pairwise.txt, not the paper's): two
+                                    responses in both orders, each response scored by the
+                                    share of its comparisons it wins
 A parse failure is never turned into a score: it is None, counted and reported.
 """
 
@@ -177,51 +178,73 @@ def parse_verdict(text: str | None) -> float | None:
     return VERDICT_POINTS.get(found[-1].lower()) if found else None
 
 
-def score_pairwise(model: Transformer, tok: Tokenizer, template: str, groups: list[tuple[str, list[str]]],
-                   n_samples: int = 3, temperature: float = 0.7, top_p: float = 0.9,
-                   max_new_tokens: int = 64, batch_size: int = 64, generator=None,
-                   desc: str = "pairwise judging", top_k: int = 0) -> list[list[Judgment]]:
-    """Pairwise judging (not the paper's: its judge scores one response at a time). For each
-    (instruction, responses) group, every two distinct responses are compared in both orders,
-    n_samples verdicts each, so a judge that always prefers the first position (or the
-    second) gives every response the same share: the position bias cancels, and orders
-    that disagree amount to "same". A response's score is its average win rate:
-        score(y_i) = mean over its readable verdicts v of v's points for y_i
-    (1 a win, 0.5 "same", 0 a loss); None if none of its verdicts was readable. A group with
-    one distinct response has nothing to compare: each gets 0.5 from no verdict (a tie, as a
-    pointwise judge would score identical texts alike). Identical texts share one score.
-    Cost: d (d - 1) n_samples judge prompts for d distinct responses (N = 8 candidates with 4
-    distinct answers and 3 samples: 36, against 12 for the pointwise judge's 4 distinct texts)."""
-    keys, owners = [], []  # (instruction, (A, B)) prompts to sample; (group, A, B) for each
+@dataclass
+class Comparison:
+    """One ordered comparison of a pairwise judge: response a shown as A, b as B."""
+    a: str
+    b: str
+    verdicts: list[float | None]  # A's share of each verdict (parse_verdict): 1, 0.5, 0, or None
+    texts: list[str | None]  # what the judge wrote, one per verdict
+
+
+def compare_pairs(model: Transformer, tok: Tokenizer, template: str, groups: list[tuple[str, list[str]]],
+                  n_samples: int = 3, temperature: float = 0.7, top_p: float = 0.9,
+                  max_new_tokens: int = 64, batch_size: int = 64, generator=None,
+                  desc: str = "pairwise judging", top_k: int = 0) -> list[list[Comparison]]:
+    """Pairwise judging, the sampling (not the paper's: its judge scores one response at a
+    time). For each (instruction, responses) group, every two distinct responses (exact text)
+    are shown in both orders, (a, b) and (b, a), n_samples verdicts each. Cost: d (d - 1)
+    n_samples judge prompts for d distinct responses (N = 8 candidates with 4 distinct answers
+    and 3 samples: 36, against 12 for the pointwise judge's 4 distinct texts)."""
+    keys, owners = [], []  # the judge prompts to sample; (group, a, b) for each
     for g, (instruction, responses) in enumerate(groups):
         distinct = list(dict.fromkeys(responses))
         for a in distinct:
             for b in distinct:
                 if a != b:
-                    keys.append((instruction, (a, b)))
+                    keys.append(fill(template, instruction, (a, b)))
                     owners.append((g, a, b))
-    texts = sample_responses(model, tok, [fill(template, q, ab) for q, ab in keys], n_samples, temperature,
-                             top_p, max_new_tokens, batch_size, generator, desc, top_k=top_k)
-    got = [dict() for _ in groups]  # per group: response -> ([its points per verdict], [texts])
+    texts = sample_responses(model, tok, keys, n_samples, temperature, top_p, max_new_tokens, batch_size,
+                             generator, desc, top_k=top_k)
+    out = [[] for _ in groups]
     for (g, a, b), t in zip(owners, texts):
-        for text in t:
-            v = parse_verdict(text)
-            for r, points in ((a, v), (b, None if v is None else 1.0 - v)):
-                ps, ts = got[g].setdefault(r, ([], []))
-                ps.append(points)
-                ts.append(text)
-    out = []
-    for (_, responses), mine in zip(groups, got):
-        if len(set(responses)) == 1:
-            out.append([Judgment(0.5, [], []) for _ in responses])
-            continue
-        row = []
-        for r in responses:
-            ps, ts = mine[r]
-            valid = [p for p in ps if p is not None]
-            row.append(Judgment(sum(valid) / len(valid) if valid else None, ps, ts))
-        out.append(row)
+        out[g].append(Comparison(a, b, [parse_verdict(x) for x in t], list(t)))
     return out
+
+
+def win_shares(responses: list[str], comparisons: list[Comparison]) -> list[Judgment]:
+    """Each response's score from the comparisons of its group: its average win rate,
+        score(y_i) = mean over its readable verdicts v of v's points for y_i
+    (1 a win, 0.5 "same", 0 a loss; as B it earns 1 - A's share). Because every pair is asked
+    in both orders, a judge that always prefers the first position (or the second) gives
+    every response the same share: the position bias cancels, and orders that disagree
+    amount to "same". None if none of its verdicts was readable. A group with one distinct
+    response has nothing to compare: each gets 0.5 from no verdict (a tie, as a pointwise
+    judge would score identical texts alike). Identical texts share one score."""
+    if len(set(responses)) == 1:
+        return [Judgment(0.5, [], []) for _ in responses]
+    got = {}  # response -> ([its points per verdict], [the judge's texts])
+    for c in comparisons:
+        for r, points in ((c.a, c.verdicts), (c.b, [None if v is None else 1.0 - v for v in c.verdicts])):
+            ps, ts = got.setdefault(r, ([], []))
+            ps.extend(points)
+            ts.extend(c.texts)
+    row = []
+    for r in responses:
+        ps, ts = got[r]
+        valid = [p for p in ps if p is not None]
+        row.append(Judgment(sum(valid) / len(valid) if valid else None, ps, ts))
+    return row
+
+
+def score_pairwise(model: Transformer, tok: Tokenizer, template: str, groups: list[tuple[str, list[str]]],
+                   n_samples: int = 3, temperature: float = 0.7, top_p: float = 0.9,
+                   max_new_tokens: int = 64, batch_size: int = 64, generator=None,
+                   desc: str = "pairwise judging", top_k: int = 0) -> list[list[Judgment]]:
+    """compare_pairs, then win_shares: one row of Judgments per group."""
+    comparisons = compare_pairs(model, tok, template, groups, n_samples, temperature, top_p, max_new_tokens,
+                                batch_size, generator, desc, top_k)
+    return [win_shares(responses, c) for (_, responses), c in zip(groups, comparisons)]
 
 
 def parse_failure_rate(judgments: list[Judgment]) -> float:

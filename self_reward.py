@@ -254,12 +254,21 @@ def judge_candidates(cfg: Config, chain: str, model_path: str, cands: list[dict]
         model, tok = load_policy(cfg, model_path, device)
         gen = torch.Generator(device).manual_seed(stage_seed(cfg, *seed, "judge"))
         if judge.is_pairwise(source.template):  # not the paper's: two candidates at a time, both orders
-            js = judge.score_pairwise(model, tok, source.template, [(c["prompt"], c["candidates"]) for c in cands],
-                                      cfg.judge_samples, cfg.temperature, cfg.top_p, cfg.judge_max_new_tokens,
-                                      cfg.eval_batch_size, gen, top_k=cfg.top_k)
-            return [{"prompt": c["prompt"], "scores": [j.score for j in row], "samples": [j.samples for j in row],
-                     "texts": [j.texts for j in row], "oracle": o, "pairwise": True}
-                    for c, row, o in zip(cands, js, oracle)]
+            comparisons = judge.compare_pairs(model, tok, source.template,
+                                              [(c["prompt"], c["candidates"]) for c in cands], cfg.judge_samples,
+                                              cfg.temperature, cfg.top_p, cfg.judge_max_new_tokens,
+                                              cfg.eval_batch_size, gen, top_k=cfg.top_k)
+            rows = []
+            for c, comps, o in zip(cands, comparisons, oracle):
+                row = judge.win_shares(c["candidates"], comps)
+                first = {x: k for k, x in reversed(list(enumerate(c["candidates"])))}  # text -> its first index
+                rows.append({"prompt": c["prompt"], "scores": [j.score for j in row],
+                             "samples": [j.samples for j in row], "oracle": o, "pairwise": True,
+                             # one record per ordered comparison (candidate indices, A first), so
+                             # that position bias and order agreement can be read back
+                             "comparisons": [{"a": first[x.a], "b": first[x.b], "verdicts": x.verdicts,
+                                              "texts": x.texts} for x in comps]})
+            return rows
         items = [(c["prompt"], x) for c in cands for x in c["candidates"]]
         refs = None  # a reference-guided judge first answers each prompt itself, greedily
         if judge.is_reference_guided(source.template):

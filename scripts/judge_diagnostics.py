@@ -12,6 +12,8 @@ sampled again):
                             RESULTS.md's noisy-judge table) whose decidable pairs are as wrong
   by family                 the same agreement per task family, beside the share of exact
                             candidates (a judge cannot prefer a right answer nobody samples)
+  orders                    (a pairwise run) the verdicts' A / B / same shares, and whether
+                            a pair's two orders name the same winner
   --expected                the same with G-Eval's expected score (Liu et al. 2023): per judge
                             sample, Σ k·p(k) over the score digits at the "Score: " position
                             given the judge's own findings (one forward pass per judge sample)
@@ -114,13 +116,37 @@ def report(name, candidates, judgments, scores, by_family=True):
     n = pairs["right"] + pairs["reversed"] + pairs["oracle tie"]
     decidable = pairs["right"] + pairs["reversed"]
     print(f"{name}: within-prompt agree {agree['agree']}, disagree {agree['disagree']}, tie {agree['tie']}")
-    print(f"  {n} pairs: right {100 * pairs['right'] / n:.1f}%, reversed {100 * pairs['reversed'] / n:.1f}%, "
-          f"oracle tie {100 * pairs['oracle tie'] / n:.1f}% (no pair: "
+    share = lambda k: f"{100 * pairs[k] / n:.1f}%" if n else "–"  # no pair at all: all answers alike or all distinct
+    print(f"  {n} pairs: right {share('right')}, reversed {share('reversed')}, "
+          f"oracle tie {share('oracle tie')} (no pair: "
           f"{ {k: v for k, v in pairs.items() if k not in ('right', 'reversed', 'oracle tie')} }); "
           f"equivalent flip rate {pairs['reversed'] / max(1, decidable):.2f}")
     for fam, f in sorted(families.items(), key=lambda x: -x[1]["exact"] / max(1, x[1]["n"])) if by_family else []:
         print(f"  {fam:10s} exact {100 * f['exact'] / max(1, f['n']):5.1f}%   agree {f['agree']:5d}  "
               f"disagree {f['disagree']:5d}  tie {f['tie']:5d}")
+
+
+def order_report(judgments) -> dict:
+    """A pairwise run's verdicts, from its per-comparison records: how often the judge says A,
+    B, same or nothing readable (a position bias shows as A ≠ B), and over the candidate pairs
+    asked in both orders, whether the two orders name the same winner (each order's winner
+    by its mean verdict; "undecided" where either order's mean is exactly even or unreadable)."""
+    said, orders = Counter(), Counter()
+    for j in judgments:
+        share = {}  # (i, k) -> candidate i's mean share against k, with i shown as A
+        for c in j.get("comparisons", []):
+            valid = [v for v in c["verdicts"] if v is not None]
+            said.update({1.0: "A", 0.0: "B", 0.5: "same", None: "unreadable"}[v] for v in c["verdicts"])
+            share[(c["a"], c["b"])] = sum(valid) / len(valid) if valid else None
+        for (i, k), s in share.items():
+            if i > k or (k, i) not in share:
+                continue
+            r = share[(k, i)]
+            if s is None or r is None or s == 0.5 or r == 0.5:
+                orders["undecided"] += 1
+            else:  # i's side: s as A, 1 - r as B
+                orders["agree" if (s > 0.5) == (1 - r > 0.5) else "contradict"] += 1
+    return {"verdicts": dict(said), "orders": dict(orders)}
 
 
 def main():
@@ -143,6 +169,9 @@ def main():
           f"{100 * points.count(5) / len(points):.1f}%, distinct answers per prompt "
           f"{sum(distinct) / len(distinct):.2f}, all alike on {100 * distinct.count(1) / len(distinct):.1f}% of the prompts")
     report("sampled scores (the loop's)", candidates, judgments, [j["scores"] for j in judgments])
+    if any(j.get("comparisons") for j in judgments):
+        o = order_report(judgments)
+        print(f"pairwise verdicts {o['verdicts']}; the two orders of a pair: {o['orders']}")
     votes = [vote_shares(c["candidates"]) for c in candidates]
     report("consistency: vote share", candidates, judgments, votes, by_family=False)
     report("consistency: vote share, the judge breaking ties", candidates, judgments,

@@ -2,6 +2,7 @@
 judging of identical items once, a parse failure never becoming a score, and a judge of known
 quality whose flip rate is what it claims."""
 
+import json
 import random
 
 import pytest
@@ -269,6 +270,10 @@ def test_the_loop_judges_candidates_pairwise_and_reports_no_score_histogram(monk
               "finished": [True] * 3}]
     [row] = self_reward.judge_candidates(cfg, "self", "M1", cands, Source(), ("self", 1))
     assert row["pairwise"] and row["scores"] == [0.0, 1.0, 1.0] and row["oracle"] == [3, 5, 5]
+    # one record per ordered comparison, by the first candidate index of each text (A first):
+    # the duplicate "5" is not compared again, and the record survives a round trip to JSONL
+    assert [(c["a"], c["b"], c["verdicts"]) for c in row["comparisons"]] == [(0, 1, [0.0] * 3), (1, 0, [1.0] * 3)]
+    assert all(t == "Better: B" for t in row["comparisons"][0]["texts"]) and json.loads(json.dumps(row)) == row
     pairs = self_reward.preference_pairs(cands * 2, [row, row])
     assert pairs[0]["chosen"] == "The sum is 5." and pairs[0]["rejected"] == "The sum is 6."
     m = report.pair_metrics(cands * 2, [row, row], pairs, {"pair": 2})

@@ -90,6 +90,22 @@ def test_judge_diagnostics_count_only_pairs_the_oracle_tells_apart():
     assert diag.best_vs_worst(row, oracle, [3.0, None, None, None, 3.0]) == "tie"
 
 
+def test_judge_diagnostics_read_a_pairwise_runs_two_orders():
+    """From the per-comparison records: verdict counts by position, and per candidate pair
+    whether its two orders name one winner (0 beats 1 as A and as B), contradict each other
+    (0 wins as A, 2 wins as A: a first-position judge), or leave it undecided (a "same" mean
+    or no readable verdict)."""
+    diag = load_script("judge_diagnostics")
+    comparisons = [
+        {"a": 0, "b": 1, "verdicts": [1.0, 1.0, 0.0]}, {"a": 1, "b": 0, "verdicts": [0.0, 0.0, 0.0]},  # agree
+        {"a": 0, "b": 2, "verdicts": [1.0, 1.0, 1.0]}, {"a": 2, "b": 0, "verdicts": [1.0, None, 1.0]},  # contradict
+        {"a": 1, "b": 2, "verdicts": [0.5, 1.0, 0.0]}, {"a": 2, "b": 1, "verdicts": [None, None, None]},  # undecided
+    ]
+    out = diag.order_report([{"comparisons": comparisons}, {"scores": [1.0]}])
+    assert out["orders"] == {"agree": 1, "contradict": 1, "undecided": 1}
+    assert out["verdicts"] == {"A": 8, "B": 5, "same": 1, "unreadable": 4}
+
+
 def test_judge_diagnostics_vote_shares():
     """Self-consistency: a candidate's share of the voters giving its answer (after
     normalisation), an extra voter (the greedy answer) counted but not scored, and the judge
