@@ -244,8 +244,8 @@ def judge_candidates(cfg: Config, chain: str, model_path: str, cands: list[dict]
     judge_samples times, the mean of the parsable scores counts (None if none parsed);
     oracle: the exact grade (the ceiling a perfect judge gives); random: a random number
     (the control: no signal); with a pairwise --judge_prompt, self scores each candidate by
-    the share of its comparisons with the others that it wins (judge.score_pairwise, both
-    orders; not the paper's); noisy: the oracle reversed at --flip_rate (noisy_oracle);
+    the share of its comparisons with the others that it wins (judge.compare_pairs, both
+    orders, then judge.win_shares; not the paper's); noisy: the oracle reversed at --flip_rate (noisy_oracle);
     vote: no judge at all, each candidate's share of the N samples giving its answer
     (vote_shares: self-consistency, not the paper)."""
     oracle = [[source.oracle(c["prompt"], x) for x in c["candidates"]] for c in cands]
